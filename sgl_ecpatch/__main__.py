@@ -1,0 +1,3 @@
+from sgl_ecpatch.cli import main
+
+main()
