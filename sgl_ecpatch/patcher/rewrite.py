@@ -55,6 +55,7 @@ OS_LINE = m.SimpleStatementLine(
 
 # What a call's switch will be after the rewrite: "env", another wanted value, or None (absent).
 SwitchPlan = Optional[str]
+KEEP = "keep"
 
 
 # ---- public API ----------------------------------------------------------------------------
@@ -137,7 +138,9 @@ def _run_unguarded(code: str, filename: str, plan: Callable[[CallInfo], dict], *
         return Failed(f"found {len(calls)} TopK calls with ast but {rewriter.seen} with libcst",
                       hint="report this file to the ecpatch maintainers")
 
-    want_vendored = any(switch is not None for switch in rewriter.final_switches)
+    switches = rewriter.final_switches
+    want_vendored = (any(switch not in (None, KEEP) for switch in switches)
+                     or (KEEP in switches and inspection.has_vendored_import))
     want_os = (any(switch == "env" for switch in rewriter.final_switches)
                and not inspection.imports_os)
     sync = ImportSync(want_vendored=want_vendored, want_os=want_os, config=module.config_for_parsing,
@@ -211,7 +214,9 @@ class CallRewriter(cst.CSTTransformer):
             return "env"
         if not info.has_switch:
             return None
-        return info.state.value  # on / false / unsupported-with-a-switch all need the vendored import
+        if info.state == State.unsupported:
+            return KEEP  # a switch ecpatch did not write: keep the import if there is one, never add it
+        return info.state.value  # on / false need the vendored import
 
 
 def set_keywords(call: cst.Call, values: dict[str, cst.BaseExpression]) -> cst.Call:
