@@ -90,7 +90,10 @@ def grouped_mm_experts(w: Weights) -> Callable:
         h = F.silu(gate) * up
         y = torch._grouped_mm(h, w2_t, offs=offs)  # [rows, H]
         slot_weights = topk_weights.reshape(-1)[order].to(y.dtype)
-        contrib = y[dest] * slot_weights[:, None]
+        # rows of bucket E (vacant slots) lie past the last offset: never computed, may hold garbage
+        computed = (sorted_ids < experts)[:, None]
+        contrib = torch.where(computed, y[dest] * slot_weights[:, None], torch.zeros((), dtype=y.dtype,
+                                                                                      device=y.device))
         out = torch.zeros_like(x, dtype=torch.float32)
         out.index_add_(0, order // k, contrib.float())
         return out.to(x.dtype)

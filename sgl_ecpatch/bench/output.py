@@ -194,3 +194,54 @@ def rich_tables(result: dict) -> list:
                       _fmt_us(r["slowest_rank_us"].get(str(ranks[-1]))))
         tables.append(t)
     return tables
+
+
+# ---------------------------------------------------------------- markdown (README's decision guide)
+
+def markdown(result: dict, *, ratio_tokens=(1, 32, 256, 4096), load_ranks=(1, 8)) -> str:
+    """The tables of the README's "Measured decision guide", from one result."""
+    lines = [f"Measured on **{result['device']}**, {result['date']}, with `{result['command']}`"
+             + (" (placeholder: not GPU times)" if result.get("placeholder") else "") + ".", ""]
+    routing = [r for r in result["routing"] if r.get("us") is not None]
+    if routing:
+        mode = "graph" if any(r["mode"] == "graph" for r in routing) else "eager"
+        methods = list(dict.fromkeys(r["method"] for r in routing if r["mode"] == mode))
+        lines += [f"**Routing latency** (us, median, {mode}):", "",
+                  "| E/k | tokens | " + " | ".join(methods) + " |",
+                  "|---|---:|" + "---:|" * len(methods)]
+        by = {(r["experts"], r["top_k"], r["tokens"], r["method"]): r["us"] for r in routing if r["mode"] == mode}
+        for e, k, n in sorted({(r["experts"], r["top_k"], r["tokens"]) for r in routing}):
+            cells = [_fmt_us(by.get((e, k, n, m))) for m in methods]
+            lines.append(f"| {e}/{k} | {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+    layer = [r for r in result["layer"] if r.get("us") is not None]
+    if layer:
+        lines += ["**MoE layer time, expert choice / token choice** (router + fused experts, one GPU, no EP):", "",
+                  "| shape | backend | method | " + " | ".join(f"T={t}" for t in ratio_tokens) + " |",
+                  "|---|---|---|" + "---:|" * len(ratio_tokens)]
+        base = {(r["shape"], r["tokens"]): r["us"] for r in layer if r["method"] == "token-choice"}
+        for shape in dict.fromkeys(r["shape"] for r in layer):
+            backend = next(r["moe_backend"] for r in layer if r["shape"] == shape)
+            for method in ("ec-drop", "ec-topk"):
+                cells = []
+                for t in ratio_tokens:
+                    row = next((r for r in layer if r["shape"] == shape and r["method"] == method
+                                and r["tokens"] == t), None)
+                    ref = base.get((shape, t))
+                    cells.append(f"{row['us'] / ref:.2f}" if row and ref else "-")
+                lines.append(f"| {shape} | {backend} | {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    load = result["load"]
+    if load:
+        lines += ["**Load balance**, max/mean (expert, and EP rank for " + ", ".join(f"G={g}" for g in load_ranks)
+                  + "), slots kept and gate mass retained:", "",
+                  "| E/k | tokens | skew | method | expert | " + " | ".join(f"EP{g}" for g in load_ranks)
+                  + " | slots kept | gate mass |",
+                  "|---|---:|---|---|---:|" + "---:|" * len(load_ranks) + "---:|---:|"]
+        for r in load:
+            cells = [f"{r['max_mean_rank'][str(g)]:.2f}" if str(g) in r["max_mean_rank"] else "-" for g in load_ranks]
+            lines.append(f"| {r['experts']}/{r['top_k']} | {r['tokens']} | {r['skew']} | {r['method']} | "
+                         f"{r['max_mean_expert']:.2f} | " + " | ".join(cells)
+                         + f" | {r['slots_kept']:.1%} | {r['gate_mass']:.1%} |")
+        lines.append("")
+    return "\n".join(lines)
