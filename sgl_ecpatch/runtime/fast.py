@@ -1,0 +1,172 @@
+"""Fast expert-choice routing in PyTorch: vectorised and CUDA-graph safe.
+
+Same results as `reference` (same ids, bitwise-identical weights) with a fixed
+number of torch ops whatever T and E are: no Python loop over tokens or experts
+(only over the k slots when renormalising, in slot order, see `scoring`), no
+``.item()``, no ``nonzero`` or boolean indexing, and only shapes known on the host,
+also when ``num_token_non_padded`` is a device tensor.
+
+How it works:
+
+1. ``K = total_order_key(...)``: every ``(t, e)`` gets a unique int64 key that orders
+   by the ranking key (NaN lowest, -0.0 == +0.0) and then by the lower index, in
+   columns and in rows alike. So ``torch.topk`` on K is exact and its ties cannot
+   depend on the device or the library version.
+2. Expert choice: ``topk(K, C, dim=0)`` picks each expert's tokens. Padding rows are
+   excluded by slicing (n on the host) or by giving them the NaN rank (n on the
+   device: they tie with NaN rows and lose on the index, and ``C(n) <= n``). With n on
+   the device the capacity ``C(n)`` is data-dependent, so the selection takes the
+   static bound ``C(T)`` sorted and keeps ranks ``r < C(n)``, computed on the device.
+3. Chosen entries are lifted by 2**62 (K stays below 2**62 in magnitude), so one
+   row-wise ``topk(k)`` lists a token's kept experts first, in key order, then its
+   best other experts: exactly the slot list of ``fill="topk"``; ``fill="drop"``
+   makes the unlifted slots vacant.
+4. Weights are gathered from the scores, NaN -> 0, vacant -> 0, then renormalised by
+   the shared sequential sum.
+
+Shortcuts decided on the host: when no expert can be full (``C(m) == m`` for every
+possible n, e.g. a single row) step 2 is skipped and the result is plain top-k.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .config import RoutingPlan, validate
+from .scoring import (
+    INT32_MIN,
+    TIER,
+    nonnegative_ordered_int32,
+    ordered_int32,
+    ranking_key,
+    renormalize_rows,
+    routing_scores,
+    total_order_key,
+)
+
+__all__ = ["expert_choice_topk_torch", "run_torch"]
+
+
+def _everyone_chosen(plan: RoutingPlan) -> bool:
+    """True when C(m) == m for every n the call can see: no expert is ever full."""
+    kp = plan.top_k * plan.cf.numerator
+    eq = plan.num_experts * plan.cf.denominator
+    if plan.num_valid is not None:
+        n = plan.num_valid
+        return n == 0 or n * kp > eq * (n - 1)  # ceil(n*kp/eq) >= n
+    T = plan.num_tokens
+    # ceil(m * x) >= m for all 1 <= m <= T  <=>  x > (T - 1) / T
+    return T * kp > eq * (T - 1)
+
+
+def _empty_result(plan: RoutingPlan, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    shape = (plan.num_tokens, plan.top_k)
+    return (
+        torch.zeros(shape, dtype=torch.float32, device=device),
+        torch.full(shape, -1, dtype=torch.int32, device=device),
+    )
+
+
+def run_torch(router_logits: torch.Tensor, plan: RoutingPlan) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Route with validated arguments (see `expert_choice_topk_torch`)."""
+    T, E, k = plan.num_tokens, plan.num_experts, plan.top_k
+    device = router_logits.device
+    n_host = plan.num_valid
+    if T == 0 or n_host == 0:
+        return _empty_result(plan, device)
+
+    scores = routing_scores(router_logits, plan.scoring_func)
+    if plan.correction_bias is None:
+        ordered = nonnegative_ordered_int32(scores)
+    else:
+        ordered = ordered_int32(ranking_key(scores, plan.correction_bias))
+
+    # Rows that are valid, as a [T, 1] device mask, only when n lives on the device.
+    row_valid: Optional[torch.Tensor] = None
+    n_dev: Optional[torch.Tensor] = None
+    if n_host is None:
+        n_dev = plan.num_valid_tensor.to(device=device, dtype=torch.int64).clamp(0, T)
+        row_valid = torch.arange(T, device=device).unsqueeze(1) < n_dev
+        # Padding rows take the NaN rank: below every valid row with a number, and
+        # tied with NaN rows, which win on the lower index. As C(n) <= n, no padding
+        # row is ever among an expert's first C(n) tokens.
+        ordered = torch.where(row_valid, ordered, INT32_MIN)
+    key = total_order_key(ordered)
+
+    everyone = _everyone_chosen(plan)
+    max_capacity = plan.max_capacity if n_host is None else plan.host_capacity
+    if everyone or max_capacity == 0:
+        # No selection to make: every expert takes every valid token (kept = plain
+        # top-k), or none takes any (C == 0, only possible for cf < 1/2000).
+        row_key = key
+        lifted_all = everyone
+    else:
+        lifted_all = False
+        if n_host is not None:
+            column_key = key if n_host == T else key[:n_host]
+            vals, token_idx = torch.topk(column_key, max_capacity, dim=0, sorted=False)
+            lifted = vals + TIER
+        else:
+            kp = k * plan.cf.numerator
+            eq = E * plan.cf.denominator
+            if T * max(kp, eq) >= 2**62:
+                raise ValueError(f"router_logits is too large for exact capacity arithmetic: T = {T}, E = {E}")
+            vals, token_idx = torch.topk(key, max_capacity, dim=0, sorted=True)
+            # rank r is kept  <=>  r < ceil(n*kp/eq)  <=>  r*eq < n*kp   (no division)
+            rank_scaled = torch.arange(0, max_capacity * eq, eq, dtype=torch.int64, device=device)
+            rank_kept = rank_scaled.unsqueeze(1) < n_dev * kp
+            lifted = torch.add(vals, rank_kept, alpha=TIER)
+        row_key = key.scatter(0, token_idx, lifted)
+
+    top_vals, top_ids = torch.topk(row_key, k, dim=1)
+
+    # Which slots hold an expert: lifted ones with "drop" (or all when everyone is
+    # chosen), all with "topk"; padding rows never.
+    if plan.fill == "drop" and not lifted_all:
+        occupied = top_vals >= TIER
+    else:
+        occupied = row_valid  # None: every row valid (host n < T handled below)
+
+    weights = torch.nan_to_num(torch.gather(scores, 1, top_ids), nan=0.0)
+    if occupied is not None:
+        weights = torch.where(occupied, weights, 0.0)
+        ids = torch.where(occupied, top_ids, -1).to(torch.int32)
+    else:
+        ids = top_ids.to(torch.int32)
+    if n_host is not None and n_host < T:
+        weights[n_host:] = 0.0
+        ids[n_host:] = -1
+    if plan.renormalize:
+        weights = renormalize_rows(weights)
+    return weights, ids
+
+
+def expert_choice_topk_torch(
+    router_logits: torch.Tensor,
+    top_k: int,
+    *,
+    capacity_factor: float = 1.25,
+    renormalize: bool = True,
+    scoring_func: str = "softmax",
+    correction_bias: Optional[torch.Tensor] = None,
+    num_token_non_padded=None,
+    fill: str = "drop",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fast PyTorch expert-choice routing; same contract as ``expert_choice_topk``.
+
+    router_logits: [T, E]. Returns (topk_weights [T, k] float32, topk_ids [T, k] int32)
+    on the input's device.
+    """
+    plan = validate(
+        router_logits,
+        top_k,
+        capacity_factor=capacity_factor,
+        renormalize=renormalize,
+        scoring_func=scoring_func,
+        correction_bias=correction_bias,
+        num_token_non_padded=num_token_non_padded,
+        fill=fill,
+    )
+    return run_torch(router_logits, plan)
