@@ -445,8 +445,7 @@ def _print_table(rows: list[dict]) -> None:
         cf = "" if row["capacity_factor"] is None else f"{row['capacity_factor']:g}"
         table.add_row(f"{row['file']}:{row['line']}", row["target"] or "-",
                       f"[{styles[row['state']]}]{row['state']}[/]", cf, switch, notes)
-    # Piped output is not cut to 80 columns: a row per line is easier to grep.
-    ui.data_console.print(table, width=None if ui.data_console.is_terminal else 240)
+    ui.print_data(table)
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["state"]] = counts.get(row["state"], 0) + 1

@@ -1,7 +1,8 @@
 """The one output helper of the ecpatch CLI (every command and area uses it).
 
 * Data (diffs, JSON, the status table) goes to **stdout**: `data(text)` writes raw text
-  (byte-exact, no colour, no wrapping); `data_console` is a rich Console for tables.
+  (byte-exact, no colour, no wrapping); `print_data(table)` prints a rich renderable;
+  `data_console` is the rich Console of stdout.
 * Everything else (progress, per-file results, warnings, errors, the summary) goes to
   **stderr** through `console`: `info`, `success`, `warn`, `error`.
 * `UsageError` is raised by commands for bad arguments or inputs; the CLI prints it as one
@@ -44,6 +45,16 @@ def data(text: str) -> None:
     """Write `text` to stdout exactly as given (diffs must stay byte-exact for `git apply`)."""
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def print_data(renderable, width_when_piped: int = 240) -> None:
+    """Print a rich renderable (e.g. a Table) on stdout. On a terminal it fits the window;
+    piped, it is laid out `width_when_piped` wide, so rows are not folded for grep."""
+    target = data_console
+    if not data_console.is_terminal:
+        target = Console(file=sys.stdout, width=width_when_piped, highlight=False, soft_wrap=True,
+                         no_color=data_console.no_color)
+    target.print(renderable)
 
 
 def _line(style: str, label: str, message: str, hint: Optional[str]) -> None:
