@@ -1,16 +1,259 @@
-"""CUDA kernel of expert-choice routing (stub until the kernel lands).
+"""CUDA kernel of expert-choice routing: the fast path of `expert_choice_topk` on GPUs.
 
-Contract used by sgl_ecpatch.runtime's dispatcher:
-    try_load(device=None) -> (module_or_None, reason_or_None)   # never raises
+Contract used by sgl_ecpatch.runtime's dispatcher (docs/TEAM.md):
+
+    try_load(device=None) -> (module_or_None, reason_or_None)
+        Never raises. On first use it builds the kernel (or finds the cached build)
+        and returns this package as the module; later calls return at once.
     expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor, renormalize,
                             scoring_func, correction_bias, num_token_non_padded, fill)
-        -> (topk_weights [T,k] float32, topk_ids [T,k] int32)
+        -> (topk_weights [T, k] float32, topk_ids [T, k] int32)
+    build_status() -> str        one line for `ecpatch status`
+    build(arch=None, progress=None) -> Path   build now (e.g. `ecpatch build-kernel`)
+    supports(num_experts, top_k) -> reason_or_None   shapes the kernel cannot take
+
+Importing this package builds nothing and touches no GPU. The sources sit next to
+this file (`expert_choice.cu`), so the package can be vendored into an SGLang tree
+as it is; see `_build.py` for the cache, the lock and the build itself.
 """
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Optional
+
+from . import _build
+from ._build import KernelBuildError
+
+__all__ = [
+    "KernelBuildError",
+    "MAX_EXPERTS",
+    "MAX_TOP_K",
+    "build",
+    "build_status",
+    "expert_choice_topk_cuda",
+    "supports",
+    "try_load",
+]
+
+MAX_EXPERTS = 1024
+MAX_TOP_K = 32
+
+_DTYPE_CODES = {"torch.float32": 0, "torch.bfloat16": 1, "torch.float16": 2}
+_load_lock = threading.Lock()
+_libraries: dict = {}  # arch -> ctypes library
+_failures: dict = {}   # arch -> reason (so a broken toolchain is tried once per process)
+
+
+def supports(num_experts: int, top_k: int) -> Optional[str]:
+    """None if the kernel takes this shape, else why not (the PyTorch path takes any)."""
+    if num_experts > MAX_EXPERTS:
+        return f"the CUDA kernel takes at most {MAX_EXPERTS} experts (got {num_experts})"
+    if top_k > MAX_TOP_K:
+        return f"the CUDA kernel takes top_k up to {MAX_TOP_K} (got {top_k})"
+    return None
+
+
+def _library_for(device):
+    """(ctypes library, None) or (None, reason) for a CUDA device; builds on first use."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, "no CUDA GPU is visible to torch"
+    if getattr(torch.version, "hip", None):
+        return None, "the kernel is CUDA-only (this torch is built for ROCm)"
+    dev = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    if dev.type != "cuda":
+        return None, f"{dev} is not a CUDA device"
+    major, minor = torch.cuda.get_device_capability(dev)
+    if major < 7:
+        return None, f"the GPU is sm_{major}{minor}; the kernel needs sm_70 or newer"
+    arch = _build.normalize_arch((major, minor))
+    with _load_lock:
+        lib = _libraries.get(arch)
+        if lib is not None:
+            return lib, None
+        if arch in _failures:
+            return None, _failures[arch]
+        try:
+            path = _build.cached_library(arch)
+            if path is None:
+                if _build._cuda_home() is None:
+                    raise KernelBuildError(
+                        "no cached build for this environment and no CUDA toolkit (nvcc) to build one; "
+                        "set CUDA_HOME, or run `ecpatch build-kernel` where a toolkit is installed"
+                    )
+                path = _build.build(arch)
+            lib = _build.open_library(path)
+        except Exception as exc:  # noqa: BLE001 - try_load reports, never raises
+            _failures[arch] = str(exc) or type(exc).__name__
+            return None, _failures[arch]
+        _libraries[arch] = lib
+        return lib, None
 
 
 def try_load(device=None):
-    return None, "the CUDA kernel is not part of this build yet"
+    """(this module, None) when the kernel can run on `device`, else (None, reason).
+
+    Never raises. The first call per process builds the kernel if no cached build
+    exists (once per machine, under a lock shared by the tensor-parallel ranks).
+    """
+    try:
+        lib, reason = _library_for(device)
+    except Exception as exc:  # noqa: BLE001
+        return None, f"{type(exc).__name__}: {exc}"
+    return (sys.modules[__name__], None) if lib is not None else (None, reason)
 
 
-def expert_choice_topk_cuda(*args, **kwargs):
-    raise RuntimeError("the CUDA kernel is not part of this build yet")
+def build(arch=None, progress: Optional[Callable[[str], None]] = None) -> Path:
+    """Build (or find cached) the kernel for `arch` (default: current GPU); returns the .so path."""
+    return _build.build(arch, progress)
+
+
+def build_status() -> str:
+    """One line: is a build for this environment (GPU arch, torch, CUDA) cached?"""
+    try:
+        import torch
+
+        arch = _build.current_arch()
+        versions = f"torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}"
+        if arch is None:
+            built = sorted(p.name for p in _build.cache_root().glob("sm*") if (p / "build.json").is_file()) \
+                if _build.cache_root().is_dir() else []
+            extra = f"; {len(built)} cached build(s) under {_build.cache_root()}" if built else ""
+            return f"CUDA kernel: no GPU visible ({versions}){extra}; `ecpatch build-kernel --arch 90` builds ahead"
+        lib = _build.cached_library(arch)
+        if lib is not None:
+            return f"CUDA kernel: built for sm_{arch} ({versions}), cached at {lib.parent}"
+        return (f"CUDA kernel: not built for sm_{arch} ({versions}); it builds on first use, "
+                f"or now with `ecpatch build-kernel`")
+    except Exception as exc:  # noqa: BLE001 - a status line must not fail
+        return f"CUDA kernel: status unknown ({type(exc).__name__}: {exc})"
+
+
+def _check_args(router_logits, top_k, capacity_factor, scoring_func, correction_bias, fill):
+    import torch
+
+    if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 2:
+        shape = tuple(router_logits.shape) if isinstance(router_logits, torch.Tensor) else type(router_logits)
+        raise ValueError(f"router_logits: expected a 2-D tensor [T, E], got {shape}")
+    num_experts = router_logits.shape[1]
+    if num_experts < 1:
+        raise ValueError("router_logits: E (experts, dim 1) must be >= 1")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:  # noqa: E501
+        raise ValueError(f"top_k: must be an int in [1, E={num_experts}], got {top_k!r}")
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) \
+            or not math.isfinite(capacity_factor) or capacity_factor <= 0:
+        raise ValueError(f"capacity_factor: must be a finite number > 0, got {capacity_factor!r}")
+    if scoring_func not in ("softmax", "sigmoid"):
+        raise ValueError(f"scoring_func: must be 'softmax' or 'sigmoid', got {scoring_func!r}")
+    if fill not in ("drop", "topk"):
+        raise ValueError(f"fill: must be 'drop' or 'topk', got {fill!r}")
+    if correction_bias is not None and (
+        not isinstance(correction_bias, torch.Tensor) or tuple(correction_bias.shape) != (num_experts,)
+    ):
+        shape = tuple(correction_bias.shape) if isinstance(correction_bias, torch.Tensor) else type(correction_bias)
+        raise ValueError(f"correction_bias: expected a tensor of shape [E={num_experts}], got {shape}")
+
+
+def capacity_fraction(capacity_factor: float, num_experts: int) -> tuple:
+    """cf as the integers (num, den) of Fraction(cf).limit_denominator(1000), capped at E
+    (any cf >= E gives C = n, and the cap keeps n * k * num inside 64 bits)."""
+    frac = Fraction(capacity_factor).limit_denominator(1000)
+    if frac >= num_experts:
+        return num_experts, 1
+    return frac.numerator, frac.denominator
+
+
+def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renormalize=True,
+                            scoring_func="softmax", correction_bias=None, num_token_non_padded=None,
+                            fill="drop", out=None):
+    """Expert-choice routing on the GPU (ROUTING.md), in 2 or 3 kernel launches.
+
+    router_logits: [T, E] float32/bfloat16/float16 CUDA tensor (other float dtypes are
+    upcast). Returns (topk_weights [T, k] float32, topk_ids [T, k] int32). Launches on
+    the current stream with no host sync: `num_token_non_padded` given as a CUDA
+    tensor is read on the device, so the call can be captured in a CUDA graph.
+    `out=(weights, ids)` writes into given tensors (tests poison them first).
+    Raises ValueError for bad arguments, NotImplementedError for E > 1024 or
+    top_k > 32, RuntimeError when the kernel cannot be loaded or launched.
+    """
+    import torch
+
+    _check_args(router_logits, top_k, capacity_factor, scoring_func, correction_bias, fill)
+    num_tokens, num_experts = router_logits.shape
+    unsupported = supports(num_experts, top_k)
+    if unsupported:
+        raise NotImplementedError(unsupported)
+    if not router_logits.is_cuda:
+        raise ValueError(f"router_logits: the CUDA kernel needs a CUDA tensor, got one on {router_logits.device}")
+    device = router_logits.device
+    lib, reason = _library_for(device)
+    if lib is None:
+        raise RuntimeError(f"the expert-choice CUDA kernel is unavailable: {reason}")
+
+    if out is None:
+        weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=device)
+        ids = torch.empty((num_tokens, top_k), dtype=torch.int32, device=device)
+    else:
+        weights, ids = out
+        for name, t, dt in (("weights", weights, torch.float32), ("ids", ids, torch.int32)):
+            if t.shape != (num_tokens, top_k) or t.dtype != dt or t.device != device or not t.is_contiguous():
+                raise ValueError(f"out: {name} must be a contiguous {dt} tensor [T, k] on {device}")
+    if num_tokens == 0:
+        return weights, ids
+
+    x = router_logits
+    code = _DTYPE_CODES.get(str(x.dtype))
+    if code is None:
+        x, code = x.float(), 0
+    x = x.contiguous()
+
+    bias_ptr, bias_code = None, 0
+    if correction_bias is not None:
+        bias = correction_bias
+        if bias.device != device:
+            raise ValueError(f"correction_bias: must be on {device}, got {bias.device}")
+        bias_code = _DTYPE_CODES.get(str(bias.dtype))
+        if bias_code is None:
+            bias, bias_code = bias.float(), 0
+        bias = bias.contiguous()
+        bias_ptr = bias.data_ptr()
+
+    n_ptr, n_is_64, n_host = None, 0, num_tokens
+    count = num_token_non_padded
+    if count is not None:
+        if isinstance(count, torch.Tensor):
+            if count.numel() != 1:
+                raise ValueError(f"num_token_non_padded: expected one element, got shape {tuple(count.shape)}")
+            if not count.is_cuda:
+                n_host = int(count.reshape(()).item())  # host memory: no device sync
+            else:
+                if count.device != device:
+                    raise ValueError(f"num_token_non_padded: must be on {device}, got {count.device}")
+                if count.dtype not in (torch.int32, torch.int64):
+                    count = count.to(torch.int32)
+                n_ptr, n_is_64 = count.data_ptr(), int(count.dtype == torch.int64)
+        else:
+            n_host = int(count)
+        n_host = max(0, min(num_tokens, n_host))
+
+    num, den = capacity_fraction(float(capacity_factor), num_experts)
+    workspace = torch.empty(int(lib.ec_workspace_bytes(num_tokens, num_experts)), dtype=torch.uint8, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream
+    rc = lib.ec_route(
+        x.data_ptr(), code, num_tokens, num_experts, top_k,
+        bias_ptr, bias_code,
+        n_ptr, n_is_64, n_host,
+        num, den,
+        int(scoring_func == "sigmoid"), int(fill == "topk"), int(bool(renormalize)),
+        workspace.data_ptr(), weights.data_ptr(), ids.data_ptr(),
+        device.index if device.index is not None else torch.cuda.current_device(), stream,
+    )
+    if rc != 0:
+        raise RuntimeError(f"expert-choice kernel launch failed: {lib.ec_error_string(rc).decode()}")
+    return weights, ids
