@@ -132,8 +132,8 @@ def validate(
     num_tokens, num_experts = (int(s) for s in router_logits.shape)
     if num_experts < 1:
         raise ValueError(f"router_logits must have E >= 1 experts (columns), got E = {num_experts}")
-    if num_tokens + num_experts > 2**31:
-        raise ValueError(f"router_logits is too large: T + E must be <= 2**31, got {num_tokens} + {num_experts}")
+    if num_tokens + num_experts > 2**30:
+        raise ValueError(f"router_logits is too large: T + E must be <= 2**30, got {num_tokens} + {num_experts}")
 
     if not _is_int(top_k) or not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be an integer in [1, {num_experts}] (E = {num_experts}), got {top_k!r}")

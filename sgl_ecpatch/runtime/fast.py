@@ -17,7 +17,8 @@ How it works:
    device: they tie with NaN rows and lose on the index, and ``C(n) <= n``). With n on
    the device the capacity ``C(n)`` is data-dependent, so the selection takes the
    static bound ``C(T)`` sorted and keeps ranks ``r < C(n)``, computed on the device.
-3. Chosen entries are lifted by 2**62 (K stays below 2**62 in magnitude), so one
+3. Chosen entries are lifted by 2**62 (|K| < 2**61, so lifted keys are >= 2**61 and
+   every other key is below), so one
    row-wise ``topk(k)`` lists a token's kept experts first, in key order, then its
    best other experts: exactly the slot list of ``fill="topk"``; ``fill="drop"``
    makes the unlifted slots vacant.
@@ -37,6 +38,7 @@ import torch
 from .config import RoutingPlan, validate
 from .scoring import (
     INT32_MIN,
+    KEY_BOUND,
     TIER,
     nonnegative_ordered_int32,
     ordered_int32,
@@ -125,7 +127,7 @@ def run_torch(router_logits: torch.Tensor, plan: RoutingPlan) -> Tuple[torch.Ten
     # Which slots hold an expert: lifted ones with "drop" (or all when everyone is
     # chosen), all with "topk"; padding rows never.
     if plan.fill == "drop" and not lifted_all:
-        occupied = top_vals >= TIER
+        occupied = top_vals >= KEY_BOUND
     else:
         occupied = row_valid  # None: every row valid (host n < T handled below)
 

@@ -25,12 +25,13 @@ INT32_MIN = -(2**31)
 # Bit pattern of +inf; a magnitude above it is a NaN.
 _FLOAT32_INF_BITS = 0x7F800000
 _MAGNITUDE_MASK = 0x7FFFFFFF
-# total_order_key = ordered * 2**31 + (2**31 - 1 - t - e): the tie-break term stays in
-# [0, 2**31) as long as t + e < 2**31, and the whole key in [-2**62, 2**62), which
-# leaves one free bit (2**62) for the fast path to lift chosen experts above the rest.
-TIE_SHIFT = 2**31
+# total_order_key = ordered * 2**30 + (2**30 - 1 - t - e): the tie-break term stays in
+# [0, 2**30) as long as t + e < 2**30, so the key lies in [-2**61, 2**61) (KEY_BOUND).
+# The fast path lifts an expert's chosen entries by TIER = 2**62: every lifted key is
+# then >= 2**61 > every other key, with no int64 overflow.
+TIE_SHIFT = 2**30
+KEY_BOUND = 2**61
 TIER = 2**62
-
 
 def routing_scores(router_logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
     """Scores ``S`` [T, E] float32 of ``router_logits`` [T, E] (any float dtype)."""
@@ -73,7 +74,7 @@ def nonnegative_ordered_int32(scores: torch.Tensor) -> torch.Tensor:
 
 
 def tie_break_table(num_tokens: int, num_experts: int, device) -> torch.Tensor:
-    """[T, E] int64 view with ``2**31 - 1 - t - e``: decreasing along rows and columns.
+    """[T, E] int64 view with ``2**30 - 1 - t - e``: decreasing along rows and columns.
 
     Built from one arange of length ``T + E - 1`` seen through strides (1, 1), so it
     costs one small kernel whatever T and E are.
@@ -84,13 +85,13 @@ def tie_break_table(num_tokens: int, num_experts: int, device) -> torch.Tensor:
 
 
 def total_order_key(ordered: torch.Tensor) -> torch.Tensor:
-    """Unique int64 key [T, E]: ``ordered * 2**31 + (2**31 - 1 - t - e)``.
+    """Unique int64 key [T, E]: ``ordered * 2**30 + (2**30 - 1 - t - e)``.
 
     ``ordered`` is `ordered_int32` of the ranking key, [T, E] int32. Within a column
     (fixed e) larger means a larger key or, on a tie, a lower token index; within a
     row (fixed t) a larger key or a lower expert index. So ``torch.topk`` on it is
-    exact and deterministic on every device. Values lie in ``[-2**62, 2**62)``; needs
-    ``T + E <= 2**31``.
+    exact and deterministic on every device. Values lie in ``[-2**61, 2**61)``; needs
+    ``T + E <= 2**30``.
     """
     num_tokens, num_experts = ordered.shape
     ties = tie_break_table(num_tokens, num_experts, ordered.device)
