@@ -10,7 +10,10 @@ How the verdict is reached (every number it uses is printed with it):
 2. Time per MoE layer, projected for the slowest of G EP ranks:
    `routing time (table) + sum over the rank's experts of expert_time(tokens)`
    (`timemodel`; the table's measured per-expert curve, scaled to the preset's
-   hidden/inter). Token choice uses SGLang's router time where the table has it,
+   hidden/inter). Expert choice is charged at equal work: its loads are scaled
+   up as if the slots `drop` leaves vacant had been computed, so the verdict
+   credits balance only; the time saved by not computing dropped slots (quality
+   given away) is printed beside it, never counted. Token choice uses SGLang's router time where the table has it,
    else plain PyTorch top-k; expert choice uses the kernel where the table has it,
    else the fast PyTorch path.
 3. Verdict at N: the speedup `t_token_choice / t_expert_choice` must clear a
@@ -57,6 +60,7 @@ class Point:
     slots_kept: float = 1.0
     rank_ratio_tc: float = 1.0
     rank_ratio_ec: float = 1.0
+    moe_ec_as_routed_us: float | None = None  # without charging the dropped slots
 
     @property
     def tc_us(self) -> float:
@@ -100,6 +104,11 @@ def decide(points: list[Point], tokens: int, scenario: str = "online") -> Decisi
         f"slowest-rank load max/mean: token choice {at_n.rank_ratio_tc:.2f}, expert choice {at_n.rank_ratio_ec:.2f}; "
         f"expert choice keeps {at_n.slots_kept:.1%} of the slots and {at_n.gate_mass:.1%} of the top-k gate mass",
     ]
+    if at_n.moe_ec_as_routed_us is not None and at_n.slots_kept < 1.0:
+        routed = at_n.tc_us / (at_n.route_ec_us + at_n.moe_ec_as_routed_us)
+        reasons.append(f"expert choice is charged as if it computed every slot; not computing the "
+                       f"{1 - at_n.slots_kept:.1%} it drops would make it {_pct(routed)}, but that is quality "
+                       "given away, not balance gained, so the verdict does not count it")
     if at_n.speedup < margin:
         reasons.append(f"that is below the {scenario} margin ({(margin - 1):.0%} faster needed): keep it off")
         return Decision(VERDICT_OFF, None, reasons)
@@ -188,7 +197,9 @@ def project(preset: Preset, tokens_list, *, ep_ranks: int, table: dict, skew: st
         g = str(ep_ranks)
         points.append(Point(
             tokens=count, route_tc_us=tc_route[0], route_ec_us=ec_route[0],
-            moe_tc_us=by["token-choice"]["slowest_rank_us"][g], moe_ec_us=by["ec-drop"]["slowest_rank_us"][g],
+            moe_tc_us=by["token-choice"]["slowest_rank_us"][g],
+            moe_ec_us=by["ec-drop"]["slowest_rank_us_equal_work"][g],
+            moe_ec_as_routed_us=by["ec-drop"]["slowest_rank_us"][g],
             gate_mass=by["ec-drop"]["gate_mass"], slots_kept=by["ec-drop"]["slots_kept"],
             rank_ratio_tc=by["token-choice"]["max_mean_rank"][g], rank_ratio_ec=by["ec-drop"]["max_mean_rank"][g],
         ))

@@ -152,7 +152,8 @@ def pick_backend(w: Weights, top_k: int, prefer: str | None = None) -> tuple[str
                   "torch-grouped-mm": lambda: grouped_mm_experts(w),
                   "torch-loop": lambda: loop_experts(w)}[name]()
             got = fn(x, weights, ids).float()
-            torch.cuda.synchronize()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             err = (got - reference).abs().max().item() / max(reference.abs().max().item(), 1e-6)
             if err > 0.05:
                 raise RuntimeError(f"result differs from the per-expert loop (relative error {err:.3f})")
@@ -224,26 +225,32 @@ def bench_layer(shapes=tuple(LAYER_SHAPES), tokens=LAYER_TOKENS, *, methods=LAYE
     return rows, notes
 
 
-def measure_expert_time(hidden: int = 2048, inter: int = 768, points=(1, 8, 32, 128, 512, 2048, 8192),
-                        experts: int = 32, prefer_backend: str | None = None):
-    """Per-expert MoE time vs tokens on this GPU, for `timemodel`: the fused experts
+def measure_expert_time(hidden: int = 2048, inter: int = 768, points=None, experts: int | None = None,
+                        prefer_backend: str | None = None, device: str | torch.device = "cuda"):
+    """Per-expert MoE time vs tokens on this device, for `timemodel`: the fused experts
     (the backend `pick_backend` chooses) over `experts` experts that each get exactly
-    n tokens (top-1), CUDA graph, divided by the number of experts."""
+    n tokens (top-1), divided by the number of experts. CUDA graph on a GPU; on the
+    CPU eager, fewer experts and points (CPU times, for CPU advice only)."""
     from .timemodel import ExpertTimeModel
 
-    device = torch.device("cuda")
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    points = points or ((1, 8, 32, 128, 512, 2048, 8192) if on_gpu else (1, 8, 32, 128, 512))
+    experts = experts or (32 if on_gpu else 4)
     w = make_weights(hidden, inter, experts, device, seed=1)
     backend, experts_fn, _ = pick_backend(w, 1, prefer_backend)
+    mode = "graph" if on_gpu and backend != "torch-loop" else "eager"
     measured = []
     for n in points:
         count = n * experts
         x = torch.randn(count, hidden, device=device, dtype=torch.bfloat16)
         ids = (torch.arange(count, device=device) % experts).to(torch.int32)[:, None]
         weights = torch.ones(count, 1, device=device)
-        us = timing.time_fn(lambda xi: experts_fn(xi, weights, ids), [x], device=device,
-                            mode="eager" if backend == "torch-loop" else "graph")
+        us = timing.time_fn(lambda xi: experts_fn(xi, weights, ids), [x], device=device, mode=mode,
+                            quick=not on_gpu)
         measured.append((n, us / experts))
         del x
-    return ExpertTimeModel(hidden, inter, measured, "measured", torch.cuda.get_device_name(device),
-                           f"fused experts ({backend}) over {experts} experts with n tokens each, CUDA graph, "
+    name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
+    return ExpertTimeModel(hidden, inter, measured, "measured", name,
+                           f"fused experts ({backend}) over {experts} experts with n tokens each, {mode}, "
                            "divided by the expert count")

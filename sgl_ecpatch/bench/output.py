@@ -149,7 +149,8 @@ def rich_tables(result: dict) -> list:
     if routing:
         methods = list(dict.fromkeys(r["method"] for r in routing))
         modes = list(dict.fromkeys(r["mode"] for r in routing))
-        t = Table(title=f"Routing time, us (median; {result['device']})")
+        stat = "median" if result.get("device_kind") == "cuda" else "min"
+        t = Table(title=f"Routing time, us ({stat}; {result['device']})")
         for col in ("E/k", "tokens", "mode"):
             t.add_column(col, justify="right")
         for m in methods:
@@ -181,10 +182,10 @@ def rich_tables(result: dict) -> list:
         tables.append(t)
     load = result["load"]
     if load:
-        ranks = sorted({int(g) for r in load for g in r["max_mean_rank"]})
+        ranks = sorted({int(g) for r in load for g in r["max_mean_rank"]} - {1}) or [1]  # one rank: always 1.0
         t = Table(title="Load balance (max/mean; mean over seeds)")
         for col in ("E/k", "tokens", "skew", "method", "expert", *[f"EP{g}" for g in ranks], "slots kept",
-                    "gate mass", f"slowest rank us (EP{ranks[-1]})"):
+                    "gate mass", f"EP{ranks[-1]} slowest rank us"):
             t.add_column(col, justify="right")
         for r in load:
             t.add_row(f"{r['experts']}/{r['top_k']}", str(r["tokens"]), r["skew"], r["method"],
@@ -198,7 +199,7 @@ def rich_tables(result: dict) -> list:
 
 # ---------------------------------------------------------------- markdown (README's decision guide)
 
-def markdown(result: dict, *, ratio_tokens=(1, 32, 256, 4096), load_ranks=(1, 8)) -> str:
+def markdown(result: dict, *, ratio_tokens=(1, 32, 256, 4096), load_ranks=(2, 4, 8)) -> str:
     """The tables of the README's "Measured decision guide", from one result."""
     lines = [f"Measured on **{result['device']}**, {result['date']}, with `{result['command']}`"
              + (" (placeholder: not GPU times)" if result.get("placeholder") else "") + ".", ""]
@@ -206,7 +207,8 @@ def markdown(result: dict, *, ratio_tokens=(1, 32, 256, 4096), load_ranks=(1, 8)
     if routing:
         mode = "graph" if any(r["mode"] == "graph" for r in routing) else "eager"
         methods = list(dict.fromkeys(r["method"] for r in routing if r["mode"] == mode))
-        lines += [f"**Routing latency** (us, median, {mode}):", "",
+        stat = "median" if result.get("device_kind") == "cuda" else "min"
+        lines += [f"**Routing latency** (us, {stat}, {mode}):", "",
                   "| E/k | tokens | " + " | ".join(methods) + " |",
                   "|---|---:|" + "---:|" * len(methods)]
         by = {(r["experts"], r["top_k"], r["tokens"], r["method"]): r["us"] for r in routing if r["mode"] == mode}

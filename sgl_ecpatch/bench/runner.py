@@ -57,15 +57,14 @@ def run_bench(
     result = table_mod.new_table(device=device, command=command)
     model = DEFAULT_MODEL
     if "expert-time" in parts:
-        if device.type == "cuda":
-            from .layer import measure_expert_time
+        from .layer import measure_expert_time
 
-            if progress:
-                progress("expert time vs tokens")
-            model = measure_expert_time()
-            result["expert_time"] = model.to_dict()
-        else:
-            notes.append("expert time model: the shipped roofline default (measuring it needs a CUDA device)")
+        if progress:
+            progress("expert time vs tokens")
+        model = measure_expert_time(device=device)
+        result["expert_time"] = model.to_dict()
+        if device.type != "cuda":
+            notes.append("expert time measured on the CPU: CPU times, for CPU advice only")
     if "routing" in parts:
         result["routing"] = [r.to_dict() for r in bench_routing(
             shapes, tokens, device=device, methods=methods, capacity_factor=capacity_factor, quick=quick,

@@ -3,7 +3,11 @@
 For each router shape, token count and skew (see `distributions`), route the
 same logits with token choice, expert choice `drop` and expert choice `topk`,
 and record the load numbers of `load.load_stats` plus the projected MoE time of
-the slowest EP rank (`timemodel.slowest_rank_us`). Numbers are means over
+the slowest EP rank (`timemodel.slowest_rank_us`), twice: for the loads as routed,
+and at equal work (`..._equal_work`: every expert's load scaled up so that all T*k
+slots are computed, as if the dropped slots had been kept in the same
+proportions). The difference is the time that `drop` saves by not computing
+slots, which is quality given away, not balance gained. Numbers are means over
 `seeds` independent draws. Runs on the CPU (the routing result does not depend
 on the device).
 """
@@ -39,15 +43,20 @@ def study_point(experts: int, top_k: int, tokens: int, skew: str, *, ranks=DEFAU
                                capacity_factor=None if method == "token-choice" else capacity_factor)
             load = expert_load(ids, experts)
             row = sums.setdefault(method, {"slots_kept": 0.0, "gate_mass": 0.0, "max_mean_expert": 0.0,
-                                           "max_expert_load": 0.0, "max_mean_rank": {}, "slowest_rank_us": {}})
+                                           "max_expert_load": 0.0, "max_mean_rank": {}, "slowest_rank_us": {},
+                                           "slowest_rank_us_equal_work": {}})
             row["slots_kept"] += stats.slots_kept / seeds
             row["gate_mass"] += stats.gate_mass / seeds
             row["max_mean_expert"] += stats.max_mean_expert / seeds
             row["max_expert_load"] += stats.max_expert_load / seeds
+            assigned = int(load.sum())
+            full = load.double() * (tokens * top_k / assigned) if assigned else load.double()
             for g in ranks:
                 row["max_mean_rank"][g] = row["max_mean_rank"].get(g, 0.0) + stats.max_mean_rank[g] / seeds
                 projected = slowest_rank_us(load, g, model, hidden=hidden, inter=inter)
                 row["slowest_rank_us"][g] = row["slowest_rank_us"].get(g, 0.0) + projected / seeds
+                equal = slowest_rank_us(full, g, model, hidden=hidden, inter=inter)
+                row["slowest_rank_us_equal_work"][g] = row["slowest_rank_us_equal_work"].get(g, 0.0) + equal / seeds
     out = []
     for method, row in sums.items():
         out.append({
@@ -58,6 +67,7 @@ def study_point(experts: int, top_k: int, tokens: int, skew: str, *, ranks=DEFAU
             # JSON object keys are strings; keep them so a table round-trips unchanged
             "max_mean_rank": {str(g): v for g, v in row["max_mean_rank"].items()},
             "slowest_rank_us": {str(g): v for g, v in row["slowest_rank_us"].items()},
+            "slowest_rank_us_equal_work": {str(g): v for g, v in row["slowest_rank_us_equal_work"].items()},
             "even_split": {str(g): experts % g == 0 for g in ranks},
         })
     return out

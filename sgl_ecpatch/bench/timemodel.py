@@ -93,7 +93,7 @@ def slowest_rank_us(load: torch.Tensor, ranks: int, model: ExpertTimeModel, *,
     """Projected MoE compute time of the slowest of `ranks` EP ranks: per rank, the
     sum over its experts of `model.us(tokens of that expert)`; the max over ranks."""
     per_rank = []
-    values = [int(v) for v in load.tolist()]
+    values = [float(v) for v in load.tolist()]
     for experts in rank_slices(len(values), ranks):
         per_rank.append(sum(model.us(values[e], hidden=hidden, inter=inter) for e in experts))
     return max(per_rank)

@@ -2,10 +2,12 @@
 
 Each timer takes `fn(x)` and a list of inputs that it rotates through (so that a
 result is not the cost of re-reading one tensor that sits in L2), and returns
-the median time of one call in microseconds.
+the time of one call in microseconds (median on CUDA, minimum on the CPU).
 
-- CPU: `time.perf_counter` around each call. These are CPU times: they say
-  nothing about a GPU.
+- CPU: `time.perf_counter` around each call, the *minimum* over repeats (CPU
+  timings on a shared machine only ever err upwards: another process takes the
+  core; `timeit` makes the same choice). These are CPU times: they say nothing
+  about a GPU.
 - CUDA eager: device events around `rounds` calls, median over repeats; this
   includes the launch overhead of every kernel the function starts.
 - CUDA graph: all inputs' calls captured in one graph (after a warm-up on a side
@@ -38,7 +40,7 @@ def time_cpu(fn: Callable, inputs: Sequence, *, warmup: int = 2, repeats: int = 
         i += 1
         if len(samples) >= 10 * repeats:
             break
-    return statistics.median(samples) * 1e6
+    return min(samples) * 1e6
 
 
 def time_cuda_eager(fn: Callable, inputs: Sequence, *, warmup: int = 3, repeats: int = 11,

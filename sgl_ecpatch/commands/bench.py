@@ -100,7 +100,7 @@ def bench(
         help="Routing methods: topk, sglang, seed-ec, ec-torch-drop, ec-torch-topk, ec-cuda-drop, ec-cuda-topk.")
     ] = "topk,sglang,seed-ec,ec-torch-drop,ec-torch-topk,ec-cuda-drop,ec-cuda-topk",
     parts: Annotated[str, typer.Option(
-        help="What to run: routing, load, layer (GPU), expert-time (GPU). Default: routing,load "
+        help="What to run: routing, load, layer (GPU only), expert-time. Default: routing,load "
              "(+ layer,expert-time on a GPU).")] = "",
     skews: Annotated[str, typer.Option(
         help="Router skews for the load study: uniform, zipf-S, corr-RHO[xGROUPS], or a '+' of them.")
@@ -163,9 +163,8 @@ def bench(
     load_list = _int_list(load_tokens, "--load-tokens")
     if dev.type != "cuda":
         _note(output.CPU_NOTE)
-        for part in ("layer", "expert-time"):
-            if part in part_list:
-                _note(f"part {part!r} needs a CUDA device: skipped")
+        if "layer" in part_list:
+            _note("part 'layer' needs a CUDA device: skipped")
     shapes = len({(p.experts, p.top_k) for p in chosen})
     total = 0
     if "routing" in part_list:
@@ -203,6 +202,10 @@ def bench(
             raise _fail(str(exc)) from None
         ui.info(f"wrote {plot_path}")
     target = _console() if stdout_taken else _data_console()
+    if not target.is_terminal:  # a pipe or a file: don't squeeze the tables into 80 columns
+        from rich.console import Console
+
+        target = Console(file=target.file, width=200, highlight=False)
     for t in output.rich_tables(result):
         target.print(t)
     if result.get("note"):
@@ -227,8 +230,7 @@ def advise(
     ep_ranks: Annotated[int, typer.Option("--ep-ranks", help="Expert-parallel ranks the experts are split over.")
                         ] = 1,
     scenario: Annotated[str, typer.Option(help="online (latency matters) or offline (throughput).")] = "online",
-    measure: Annotated[bool, typer.Option(help="Measure routing (and on a GPU the expert time) here first.")
-                       ] = False,
+    measure: Annotated[bool, typer.Option(help="Measure routing and the per-expert time here first.")] = False,
     skew: Annotated[str, typer.Option(help="Assumed router skew (see ecpatch bench --skews).")] = "zipf-0.25",
     capacity_factor: Annotated[float, typer.Option(help="Expert-choice capacity factor.")] = 1.25,
     layers: Annotated[Optional[str], typer.Option(help="Layer set to pass through to enable, e.g. 0-15.")] = None,
@@ -297,13 +299,13 @@ def _check_layers(spec: str) -> None:
 
 
 def measure_table(preset, tokens: int, device, *, progress=None) -> dict:
-    """A table measured here for one router shape: routing at the advise grid (and the
-    per-expert time on a GPU)."""
+    """A table measured here for one router shape: routing at the advise grid and the
+    per-expert time."""
     from sgl_ecpatch.bench import advise as advise_mod, runner
 
     grid = sorted({t for t in advise_mod.GRID if t < tokens} | {tokens})
     methods = ["topk", "sglang", "ec-torch-drop"] + (["ec-cuda-drop"] if device.type == "cuda" else [])
-    parts = ["routing"] + (["expert-time"] if device.type == "cuda" else [])
+    parts = ["routing", "expert-time"]
     return runner.run_bench([preset], device=device, parts=parts, tokens=grid, methods=methods, skews=[],
                             load_tokens=[], quick=True, command=f"ecpatch advise --measure (E={preset.experts}, "
                             f"k={preset.top_k})", progress=progress)

@@ -111,3 +111,18 @@ def test_nearest_shape_is_said():
     table = make_table(ec_route_us=lambda t: 5.0)
     result = advise_mod.advise(PRESETS["mixtral"], 64, table=table, sglang_root="/s")
     assert any("nearest measured router shape, 128 experts / top-8" in r for r in result["reasons"])
+
+
+@needs_runtime
+def test_dropped_slots_are_not_counted_as_a_gain():
+    # linear expert time (1 us per token, nothing fixed), equal routing cost, one rank, uniform router:
+    # as routed, drop computes ~10% fewer slots and looks faster; at equal work it is not
+    table = make_table(ec_route_us=lambda t: 5.0, expert_points=((1, 1.0), (16384, 16384.0)))
+    result = advise_mod.advise(PRESETS["qwen3-moe"], 1024, ep_ranks=1, table=table, skew="uniform",
+                               sglang_root="/s")
+    at_n = result["points"][-1]
+    assert at_n["slots_kept"] < 0.95
+    assert at_n["moe_ec_as_routed_us"] < 0.95 * at_n["moe_tc_us"]
+    assert at_n["moe_ec_us"] == pytest.approx(at_n["moe_tc_us"], rel=1e-6)  # T*k us either way
+    assert result["verdict"] == "keep-off"
+    assert any("quality given away" in r for r in result["reasons"])
