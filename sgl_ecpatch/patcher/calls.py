@@ -19,6 +19,8 @@ its routing (see ROUTING.md, "Beyond one call"):
 from __future__ import annotations
 
 import ast
+import bisect
+import re
 from typing import Optional, Union
 
 from .model import (
@@ -33,6 +35,8 @@ from .model import (
 )
 
 TOPK = "TopK"
+# Where a call of TopK can start (a superset: also matches HashTopK( and mod.TopK( ).
+_CALL_TEXT = re.compile(r"TopK\s*\(")
 SGLANG_TOPK_MODULES = ("sglang.srt.layers.moe.topk", "sglang.srt.layers.moe")
 # Keyword arguments whose routing expert choice does not implement, and the value that is fine.
 _GROUPED = "use_grouped_topk"
@@ -58,7 +62,7 @@ def inspect_source(code: str, filename: str = "<unknown>") -> Union[Inspection, 
                       line=exc.lineno)
     except (ValueError, RecursionError) as exc:  # e.g. NUL bytes, absurd nesting
         return Failed(f"cannot parse: {exc}")
-    finder = _CallFinder(code)
+    finder = _CallFinder(code, _call_lines(code))
     finder.visit(tree)
     calls = tuple(sorted(finder.calls, key=lambda c: c[0]))
     return Inspection(
@@ -67,6 +71,15 @@ def inspect_source(code: str, filename: str = "<unknown>") -> Union[Inspection, 
         has_vendored_import=finder.has_vendored_import,
         imports_os=finder.imports_os,
     )
+
+
+def _call_lines(code: str) -> list[int]:
+    """1-based numbers of the lines where the text of a TopK call may start, sorted."""
+    starts = [m.start() for m in _CALL_TEXT.finditer(code)]
+    if not starts:
+        return []
+    newlines = [m.start() for m in re.finditer("\n", code)]
+    return sorted({bisect.bisect_left(newlines, start) + 1 for start in starts})
 
 
 def find_calls(code: str) -> list[CallInfo]:
@@ -79,8 +92,9 @@ def find_calls(code: str) -> list[CallInfo]:
 
 
 class _CallFinder(ast.NodeVisitor):
-    def __init__(self, code: str) -> None:
+    def __init__(self, code: str, call_lines: list[int]) -> None:
         self.code = code
+        self.call_lines = call_lines
         self._lines: Optional[list[str]] = None
         self.calls: list[tuple[tuple[int, int], CallInfo]] = []
         self.imports_sglang_topk = False
@@ -113,12 +127,25 @@ class _CallFinder(ast.NodeVisitor):
         return 0 < lineno <= len(self._lines) and self._lines[lineno - 1].rstrip().endswith(MARKER)
 
     # scopes and targets --------------------------------------------------------------
+    def _may_call(self, node: ast.AST) -> bool:
+        """Whether a TopK call can lie inside `node` (by its lines): most of a model file
+        cannot, and not walking it makes `status` several times faster."""
+        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", ())])
+        i = bisect.bisect_left(self.call_lines, first)
+        return i < len(self.call_lines) and self.call_lines[i] <= (node.end_lineno or node.lineno)
+
     def visit_FunctionDef(self, node: Union[ast.FunctionDef, ast.AsyncFunctionDef]) -> None:
+        if not self._may_call(node):
+            return  # a function's own imports do not matter: they are not module level
         outer, self._function = self._function, node
         self.generic_visit(node)
         self._function = outer
 
     visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        if self._may_call(node):
+            self.generic_visit(node)
 
     def _visit_assignment(self, node: ast.AST, targets: list[ast.expr], value: Optional[ast.expr]) -> None:
         for target in targets:

@@ -362,6 +362,14 @@ class ImportSync(cst.CSTTransformer):
             self.missing_anchor = True
         return updated_node
 
+    # Imports of TopK sit at module level (possibly inside `try:` / `if`), never in a def or a
+    # class: not descending into those halves the cost of this pass on big model files.
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
+        return False
+
+    def visit_ClassDef(self, node: cst.ClassDef) -> bool:
+        return False
+
     @staticmethod
     def _is_vendored_line(stmt: cst.SimpleStatementLine) -> bool:
         if not m.matches(stmt, VENDORED_LINE):
@@ -421,6 +429,8 @@ def _all_simple_statements(node: cst.CSTNode):
         current = stack.pop()
         if isinstance(current, cst.SimpleStatementLine):
             yield current
+        elif isinstance(current, (cst.FunctionDef, cst.ClassDef)):
+            continue
         elif isinstance(current, (cst.Module, cst.IndentedBlock, cst.BaseCompoundStatement,
                                   cst.Else, cst.ExceptHandler, cst.Finally, cst.BaseSuite)):
             stack.extend(current.children)
