@@ -461,6 +461,7 @@ def _print_roots(models: list) -> None:
         lines = [f"SGLang tree {pfiles.display_path(root)}"]
         if info is None:
             lines.append("  vendored package: not installed (ecpatch enable installs it)")
+            lines.append("  kernel: not checked (nothing in this tree uses it)")
         else:
             lines.append(f"  vendored package: {_fields(info)}")
             lines.append(f"  kernel: {_kernel_status()}")

@@ -246,3 +246,21 @@ def test_verbose_shows_the_traceback_of_an_internal_error(runner, tree, monkeypa
     loud = invoke(runner, "enable", "--verbose", "sglang")
     assert loud.exit_code == 2 and "Traceback" in loud.stderr
     cli._settings["verbose"] = False
+
+
+def test_status_without_path_and_without_sglang_is_a_usage_error(runner, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sglang" else real(name, *a))
+    result = invoke(runner, "status")
+    assert result.exit_code == 2
+    assert "no sglang package is installed" in result.stderr and "hint:" in result.stderr
+
+
+def test_status_without_path_uses_the_installed_package(runner, tree, monkeypatch):
+    monkeypatch.syspath_prepend(str(tree))  # examples' `sglang` becomes importable
+    result = invoke(runner, "status", "--json")
+    assert result.exit_code == 0, result.stderr
+    (row,) = json.loads(result.stdout)
+    assert row["file"].endswith("sglang/srt/models/qwen2_moe.py") and row["state"] == "off"
