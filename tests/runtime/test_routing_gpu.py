@@ -1,0 +1,86 @@
+"""GPU checks of the fast PyTorch path: same bits as the reference, no host sync, CUDA graphs.
+
+Run on a CUDA machine: ``pytest -m gpu tests/runtime``. Skipped without a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from routing_oracles import DTYPES, assert_same_routing, make_logits
+from sgl_ecpatch.runtime import expert_choice_topk
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+SHAPES = [(1, 60, 4), (16, 128, 8), (257, 60, 4), (1024, 128, 8), (300, 512, 10), (33, 7, 7)]
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mode", ["normal", "quantised"])
+@pytest.mark.parametrize("fill", ["drop", "topk"])
+def test_cuda_fast_path_equals_reference(dtype, shape, mode, fill):
+    T, E, k = shape
+    logits = make_logits(T, E, seed=T + E + k, dtype=DTYPES[dtype], mode=mode, special_fraction=0.01, device="cuda")
+    bias = torch.randn(E, device="cuda") * 0.05 if mode == "quantised" else None
+    for n in (None, torch.tensor(max(T - 5, 0), device="cuda")):
+        kwargs = dict(fill=fill, num_token_non_padded=n, correction_bias=bias)
+        # The reference scores the CUDA tensor with the same CUDA softmax, then routes
+        # on the host; IEEE float32 adds and divides give the same bits there.
+        expected = expert_choice_topk(logits, k, impl="reference", **kwargs)
+        actual = expert_choice_topk(logits, k, impl="torch", **kwargs)
+        assert actual[0].device.type == "cuda" and actual[1].device.type == "cuda"
+        assert_same_routing(expected, actual, context=f"{shape} {dtype} {mode} {fill} n={n}")
+
+
+@pytest.mark.parametrize("shape", [(16, 60, 4), (1024, 128, 8)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("fill", ["drop", "topk"])
+def test_no_host_sync_with_device_padding_count(shape, fill):
+    T, E, k = shape
+    logits = make_logits(T, E, seed=7, dtype=torch.bfloat16, device="cuda")
+    n = torch.tensor(T - 3, device="cuda", dtype=torch.int32)
+    bias = torch.randn(E, device="cuda") * 0.01
+    expert_choice_topk(logits, k, impl="torch", fill=fill, num_token_non_padded=n, correction_bias=bias)  # warm up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        expert_choice_topk(logits, k, impl="torch", fill=fill, num_token_non_padded=n, correction_bias=bias)
+        expert_choice_topk(logits, k, impl="torch", fill=fill, num_token_non_padded=n)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("shape", [(1, 60, 4), (256, 128, 8), (64, 512, 10)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("fill", ["drop", "topk"])
+def test_cuda_graph_capture_and_replay(shape, fill):
+    """Capture once with a device n, replay with new logits and new n: reference results."""
+    T, E, k = shape
+    static_logits = make_logits(T, E, seed=1, dtype=torch.bfloat16, device="cuda")
+    static_n = torch.tensor(T, device="cuda", dtype=torch.int64)
+
+    def route():
+        return expert_choice_topk(static_logits, k, impl="torch", fill=fill, num_token_non_padded=static_n)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            route()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = route()
+
+    for seed, n in [(2, T), (3, max(T // 2, 1)), (4, 0), (5, T - 1)]:
+        static_logits.copy_(make_logits(T, E, seed=seed, dtype=torch.bfloat16, mode="quantised", device="cuda"))
+        static_n.fill_(n)
+        static_out[0].fill_(float("nan"))  # poison: replay must overwrite everything
+        static_out[1].fill_(12345)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = expert_choice_topk(static_logits, k, impl="reference", fill=fill, num_token_non_padded=n)
+        assert_same_routing(expected, static_out, context=f"replay seed={seed} n={n}")
