@@ -89,3 +89,18 @@ def test_roofline_is_memory_bound_then_compute_bound():
     small, large = roofline_us(1, 2048, 768), roofline_us(16384, 2048, 768)
     assert small == roofline_us(8, 2048, 768)  # weights dominate
     assert large == pytest.approx(roofline_us(8192, 2048, 768) * 2)  # FLOPs dominate
+
+
+def test_agrees_with_the_runtime_load_statistics():
+    stats = pytest.importorskip("sgl_ecpatch.runtime.stats")
+    from sgl_ecpatch.bench.distributions import router_logits
+    from sgl_ecpatch.bench.load import route, scores_of
+
+    logits = router_logits(300, 64, "zipf-0.5", seed=3)
+    for method in ("token-choice", "ec-drop", "ec-topk"):
+        _, ids = route(method, logits, 8)
+        assert expert_load(ids, 64).tolist() == stats.expert_load(ids, 64).tolist()
+        mine = rank_load(expert_load(ids, 64), 8)
+        assert mine.tolist() == stats.rank_load(stats.expert_load(ids, 64), 8).tolist()
+        assert gate_mass_retained(scores_of(logits), ids, 8) == pytest.approx(
+            stats.gate_mass_retained(ids, logits, 8), rel=1e-9)
