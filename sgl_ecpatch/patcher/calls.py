@@ -147,7 +147,7 @@ class _CallFinder(ast.NodeVisitor):
         if self._may_call(node):
             self.generic_visit(node)
 
-    def _visit_assignment(self, node: ast.AST, targets: list[ast.expr], value: Optional[ast.expr]) -> None:
+    def _visit_assignment(self, targets: list[ast.expr], value: Optional[ast.expr]) -> None:
         for target in targets:
             self.visit(target)
         if value is None:
@@ -158,11 +158,11 @@ class _CallFinder(ast.NodeVisitor):
         self._target = outer
 
     def visit_Assign(self, node: ast.Assign) -> None:
-        self._visit_assignment(node, node.targets, node.value)
+        self._visit_assignment(node.targets, node.value)
 
     def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
         self.visit(node.annotation)
-        self._visit_assignment(node, [node.target], node.value)
+        self._visit_assignment([node.target], node.value)
 
     def visit_Lambda(self, node: ast.Lambda) -> None:
         outer = self._target

@@ -58,13 +58,18 @@ class PathError:
     failure: Failed
 
 
-def read_source(path: Path) -> Union[Source, Failed]:
-    """Read `path` as UTF-8 text, keeping its line endings. Never raises."""
+def read_bytes(path: Path) -> Union[bytes, Failed]:
+    """The bytes of `path`, or why they cannot be read. Never raises."""
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         return Failed(f"cannot read: {exc.strerror or exc}", hint="check the path and its permissions")
-    return decode_source(path, data)
+
+
+def read_source(path: Path) -> Union[Source, Failed]:
+    """Read `path` as UTF-8 text, keeping its line endings. Never raises."""
+    data = read_bytes(path)
+    return data if isinstance(data, Failed) else decode_source(path, data)
 
 
 def decode_source(path: Path, data: bytes) -> Union[Source, Failed]:
@@ -105,10 +110,9 @@ def iter_python_files(folder: Path) -> Iterator[Path]:
 def load_model_file(path: Path, data: Optional[bytes] = None, *, explicit: bool) -> Union[ModelFile, Failed, None]:
     """Inspect one file. None: not a model file (silently skipped when found in a folder)."""
     if data is None:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            return Failed(f"cannot read: {exc.strerror or exc}", hint="check the path and its permissions")
+        data = read_bytes(path)
+        if isinstance(data, Failed):
+            return data
     if CALL_TEXT not in data:
         if explicit:
             return Failed("no TopK(...) call in this file",
@@ -164,10 +168,9 @@ def collect(paths: Iterable[Path]) -> tuple[list[ModelFile], list[PathError], di
             if key in seen:
                 continue
             seen.add(key)
-            try:
-                data = file.read_bytes()
-            except OSError as exc:
-                errors.append(PathError(file, Failed(f"cannot read: {exc.strerror or exc}")))
+            data = read_bytes(file)
+            if isinstance(data, Failed):
+                errors.append(PathError(file, data))
                 continue
             texts[file] = data
             _add(file, load_model_file(file, data, explicit=False), found, errors)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Optional, Union
 
@@ -129,7 +129,6 @@ class Changed:
     new_code: str
     calls: tuple[CallInfo, ...] = ()
     unsupported: tuple[CallInfo, ...] = ()
-    changed_lines: int = 0
 
 
 @dataclass(frozen=True)
@@ -152,13 +151,3 @@ class Failed:
 
 
 PatchResult = Union[Changed, Unchanged, Failed]
-
-
-@dataclass
-class FileOutcome:
-    """A result tied to its path, for the CLI's batch loop (mutable bookkeeping only)."""
-
-    path: "os.PathLike[str]"
-    result: PatchResult
-    written: bool = False
-    notes: list[str] = field(default_factory=list)

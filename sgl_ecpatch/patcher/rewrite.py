@@ -38,7 +38,6 @@ from .model import (
     PatchResult,
     State,
     Unchanged,
-    env_switch_expression,
 )
 
 PW = cst.ParenthesizedWhitespace
@@ -143,8 +142,7 @@ def _run_unguarded(code: str, filename: str, plan: Callable[[CallInfo], dict], *
                      or (KEEP in switches and inspection.has_vendored_import))
     want_os = (any(switch == "env" for switch in rewriter.final_switches)
                and not inspection.imports_os)
-    sync = ImportSync(want_vendored=want_vendored, want_os=want_os, config=module.config_for_parsing,
-                      inspection=inspection)
+    sync = ImportSync(want_vendored=want_vendored, want_os=want_os, config=module.config_for_parsing)
     module = module.visit(sync)
     if sync.missing_anchor:
         return Failed("cannot place the expert-choice import: no `from sglang.srt.layers.moe.topk "
@@ -337,8 +335,7 @@ class ImportSync(cst.CSTTransformer):
     right after that. Unwanted marker lines are removed.
     """
 
-    def __init__(self, *, want_vendored: bool, want_os: bool, config: cst.PartialParserConfig,
-                 inspection: Inspection) -> None:
+    def __init__(self, *, want_vendored: bool, want_os: bool, config: cst.PartialParserConfig) -> None:
         super().__init__()
         self.want_vendored = want_vendored
         self.want_os = want_os
@@ -347,7 +344,6 @@ class ImportSync(cst.CSTTransformer):
         self.has_os = False
         self.placed = False
         self.missing_anchor = False
-        self._inspection = inspection
 
     def visit_Module(self, node: cst.Module) -> None:
         # Which marker lines exist already (anywhere) decides what leave_* must add.
