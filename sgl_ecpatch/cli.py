@@ -68,11 +68,15 @@ def _root(verbose: Verbose = False) -> None:
 
     Start with `ecpatch enable --diff path/to/sglang/srt/models/qwen2_moe.py`.
     """
-    _settings["verbose"] = _settings["verbose"] or verbose
+    _settings["verbose"] = verbose  # reset on every invocation; a command's own --verbose adds to it
 
 
 def _guarded(command: Callable) -> Callable:
-    """Turn `ui.UsageError` and unexpected exceptions into one red line and exit code 2."""
+    """Turn `ui.UsageError` and unexpected exceptions into one red line and exit code 2.
+
+    Applied to every command of the app, those of other areas included (`_guard_commands`)."""
+    if getattr(command, "_ecpatch_guarded", False):
+        return command
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -92,6 +96,7 @@ def _guarded(command: Callable) -> Callable:
                      hint="run again with --verbose to see the traceback")
             raise typer.Exit(ui.EXIT_USAGE)
 
+    wrapper._ecpatch_guarded = True  # type: ignore[attr-defined]
     return wrapper
 
 
@@ -99,7 +104,6 @@ def _guarded(command: Callable) -> Callable:
 
 
 @app.command()
-@_guarded
 def enable(
     paths: PathsArg,
     mode: Annotated[Mode, typer.Option(
@@ -158,7 +162,6 @@ def enable(
 
 
 @app.command()
-@_guarded
 def disable(
     paths: PathsArg,
     remove: Annotated[bool, typer.Option(
@@ -355,7 +358,6 @@ def _install(vendor, root: Path, *, min_tokens, layers, dry_run: bool) -> str:
 
 
 @app.command()
-@_guarded
 def status(
     paths: Annotated[Optional[List[Path]], typer.Argument(
         help="Model files, folders or SGLang roots (default: the installed sglang package).",
@@ -508,7 +510,18 @@ def _register_other_areas() -> None:
         module.register(app)
 
 
+def _guard_commands(typer_app: typer.Typer) -> None:
+    """Give every command (sub-apps included) the same error handling and exit codes."""
+    for info in typer_app.registered_commands:
+        if info.callback is not None:
+            info.callback = _guarded(info.callback)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _guard_commands(group.typer_instance)
+
+
 _register_other_areas()
+_guard_commands(app)
 
 
 def main() -> None:

@@ -245,7 +245,15 @@ def test_verbose_shows_the_traceback_of_an_internal_error(runner, tree, monkeypa
     assert "Traceback" not in quiet.stderr
     loud = invoke(runner, "enable", "--verbose", "sglang")
     assert loud.exit_code == 2 and "Traceback" in loud.stderr
-    cli._settings["verbose"] = False
+    global_flag = invoke(runner, "--verbose", "enable", "sglang")
+    assert global_flag.exit_code == 2 and "Traceback" in global_flag.stderr
+    again = invoke(runner, "enable", "sglang")  # the flag does not stick to the next invocation
+    assert "Traceback" not in again.stderr
+
+
+def test_other_areas_commands_get_the_same_error_handling(runner):
+    guarded = [info.callback for info in cli.app.registered_commands]
+    assert guarded and all(getattr(cb, "_ecpatch_guarded", False) for cb in guarded)
 
 
 def test_status_without_path_and_without_sglang_is_a_usage_error(runner, monkeypatch):
