@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).resolve().parent
 SOURCES = ("expert_choice.cu",)
-ABI_VERSION = 1  # must match ec_abi_version() in expert_choice.cu
+ABI_VERSION = 2  # must match ec_abi_version() in expert_choice.cu
 BASE_CUDA_FLAGS = ("-O3", "-lineinfo", "-std=c++17")
 LIB_STEM = "sgl_ecpatch_expert_choice"
 
