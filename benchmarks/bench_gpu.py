@@ -160,7 +160,7 @@ def main() -> int:
         load_tokens = LOAD_TOKENS if log.elapsed < args.budget_s * 0.85 else (4096,)
         torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
         result["load"] = load_study(shapes, load_tokens, DEFAULT_SKEWS, ranks=RANKS, seeds=2,
-                                    model=model or DEFAULT_MODEL, sizes=sizes)
+                                    model=model or DEFAULT_MODEL, sizes=sizes, device=device)
         log(f"load study: {len(result['load'])} rows")
     except Exception as exc:  # noqa: BLE001
         notes.append(f"load study failed: {type(exc).__name__}: {exc}")
@@ -170,6 +170,21 @@ def main() -> int:
     table_mod.save(result, args.out / "measured_table.json")
     (args.out / "bench.csv").write_text(output.to_csv(result))
     summary = output.markdown(result)
+
+    # 5. what `ecpatch advise` concludes from this very table, per preset, EP size and skew
+    if log.elapsed < args.budget_s:
+        try:
+            from sgl_ecpatch.bench.advise import threshold_markdown, threshold_rows
+
+            rows = threshold_rows(result, presets, device=str(device))
+            summary += ("\n**What `ecpatch advise` concludes from this table** (offline, T = 16384 tokens, "
+                        "capacity factor 1.25; --min-tokens is where expert choice stops being slower):\n\n"
+                        + threshold_markdown(rows) + "\n")
+            log(f"advice summary: {len(rows)} rows")
+        except Exception as exc:  # noqa: BLE001
+            log(f"advice summary failed: {type(exc).__name__}: {exc}\n" + traceback.format_exc())
+    else:
+        log("time budget: advice summary skipped")
     (args.out / "summary.md").write_text(summary + "\n")
     try:
         output.plot(result, args.out / "bench.png")

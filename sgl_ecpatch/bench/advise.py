@@ -61,6 +61,8 @@ class Point:
     rank_ratio_tc: float = 1.0
     rank_ratio_ec: float = 1.0
     moe_ec_as_routed_us: float | None = None  # without charging the dropped slots
+    active_tc: float | None = None  # experts with at least one token
+    active_ec: float | None = None
 
     @property
     def tc_us(self) -> float:
@@ -104,6 +106,9 @@ def decide(points: list[Point], tokens: int, scenario: str = "online") -> Decisi
         f"slowest-rank load max/mean: token choice {at_n.rank_ratio_tc:.2f}, expert choice {at_n.rank_ratio_ec:.2f}; "
         f"expert choice keeps {at_n.slots_kept:.1%} of the slots and {at_n.gate_mass:.1%} of the top-k gate mass",
     ]
+    if at_n.active_tc is not None and at_n.active_ec is not None and at_n.active_ec > at_n.active_tc + 0.5:
+        reasons.append(f"experts with work: token choice {at_n.active_tc:.0f}, expert choice {at_n.active_ec:.0f} "
+                       "(every expert chooses tokens; each active expert costs a full read of its weights)")
     if at_n.moe_ec_as_routed_us is not None and at_n.slots_kept < 1.0:
         routed = at_n.tc_us / (at_n.route_ec_us + at_n.moe_ec_as_routed_us)
         reasons.append(f"expert choice is charged as if it computed every slot; not computing the "
@@ -174,7 +179,8 @@ def _methods(table: dict) -> tuple[str, str]:
 
 
 def project(preset: Preset, tokens_list, *, ep_ranks: int, table: dict, skew: str = DEFAULT_SKEW,
-            capacity_factor: float = 1.25, seeds: int = 2, progress=None) -> tuple[list[Point], dict]:
+            capacity_factor: float = 1.25, seeds: int = 2, progress=None,
+            device: str = "cpu") -> tuple[list[Point], dict]:
     """Projected points at each token count, and what was used (methods, shapes)."""
     model = ExpertTimeModel.from_dict(table["expert_time"])
     tc_method, ec_method = _methods(table)
@@ -187,7 +193,7 @@ def project(preset: Preset, tokens_list, *, ep_ranks: int, table: dict, skew: st
         rows = study_point(preset.experts, preset.top_k, count, skew, ranks=(ep_ranks,),
                            capacity_factor=capacity_factor, seeds=seeds, model=model, hidden=preset.hidden,
                            inter=preset.inter, methods=("token-choice", "ec-drop"),
-                           renormalize=preset.renormalize)
+                           renormalize=preset.renormalize, device=device)
         by = {r["method"]: r for r in rows}
         tc_route = table_mod.routing_us(table, tc_method, preset.experts, preset.top_k, count)
         ec_route = table_mod.routing_us(table, ec_method, preset.experts, preset.top_k, count)
@@ -202,13 +208,14 @@ def project(preset: Preset, tokens_list, *, ep_ranks: int, table: dict, skew: st
             moe_ec_as_routed_us=by["ec-drop"]["slowest_rank_us"][g],
             gate_mass=by["ec-drop"]["gate_mass"], slots_kept=by["ec-drop"]["slots_kept"],
             rank_ratio_tc=by["token-choice"]["max_mean_rank"][g], rank_ratio_ec=by["ec-drop"]["max_mean_rank"][g],
+            active_tc=by["token-choice"]["active_experts"], active_ec=by["ec-drop"]["active_experts"],
         ))
     return points, used
 
 
 def advise(preset: Preset, tokens: int, *, ep_ranks: int = 1, scenario: str = "online", table: dict,
            skew: str = DEFAULT_SKEW, capacity_factor: float = 1.25, layers: str | None = None,
-           seeds: int = 2, sglang_root: str | None = None, progress=None) -> dict:
+           seeds: int = 2, sglang_root: str | None = None, progress=None, device: str = "cpu") -> dict:
     """The full advice as a JSON-ready dict (see `decide` for the rule)."""
     if tokens < 1:
         raise ValueError(f"--tokens must be >= 1, got {tokens}")
@@ -218,7 +225,7 @@ def advise(preset: Preset, tokens: int, *, ep_ranks: int = 1, scenario: str = "o
         raise ValueError(f"--scenario must be one of {', '.join(SCENARIOS)}, got {scenario!r}")
     grid = sorted({t for t in GRID if t < tokens} | {tokens})
     points, used = project(preset, grid, ep_ranks=ep_ranks, table=table, skew=skew,
-                           capacity_factor=capacity_factor, seeds=seeds, progress=progress)
+                           capacity_factor=capacity_factor, seeds=seeds, progress=progress, device=device)
     decision = decide(points, tokens, scenario)
     reasons = list(decision.reasons)
     if used.get("routing_shape") != [preset.experts, preset.top_k]:
@@ -278,3 +285,32 @@ def _layer_summary(table: dict, preset: Preset, tokens: int) -> str | None:
     ratio = by[near]["ec-drop"] / by[near]["token-choice"]
     return (f"measured on {table['device']} (one GPU, no EP, {mode}): expert-choice layer time / token choice "
             f"= {ratio:.2f} at {near} tokens")
+
+
+def threshold_rows(table: dict, presets, *, ep_ranks=(1, 8), skews=(DEFAULT_SKEW, "zipf-1"), tokens: int = 16384,
+                   scenario: str = "offline", seeds: int = 1, device: str = "cpu") -> list[dict]:
+    """The advice for each preset x EP size x skew at `tokens` (README's summary)."""
+    rows = []
+    for preset in presets:
+        for g in ep_ranks:
+            if g > preset.experts:
+                continue
+            for skew in skews:
+                result = advise(preset, tokens, ep_ranks=g, scenario=scenario, table=table, skew=skew, seeds=seeds,
+                                sglang_root="<sglang>", device=device)
+                at_n = result["points"][-1]
+                rows.append({"model": preset.name, "ep_ranks": g, "skew": skew, "tokens": tokens,
+                             "verdict": result["verdict"], "min_tokens": result["min_tokens"],
+                             "speedup": at_n["speedup"], "gate_mass": at_n["gate_mass"]})
+    return rows
+
+
+def threshold_markdown(rows: list[dict]) -> str:
+    lines = ["| model | EP ranks | skew | verdict at T=%d | --min-tokens | EC speedup at T=%d | gate mass |"
+             % (rows[0]["tokens"], rows[0]["tokens"]) if rows else "",
+             "|---|---:|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['ep_ranks']} | {r['skew']} | {r['verdict']} | "
+                     f"{r['min_tokens'] if r['min_tokens'] is not None else '-'} | {r['speedup']:.2f}x | "
+                     f"{r['gate_mass']:.1%} |")
+    return "\n".join(lines)

@@ -246,8 +246,7 @@ def measure_expert_time(hidden: int = 2048, inter: int = 768, points=None, exper
         x = torch.randn(count, hidden, device=device, dtype=torch.bfloat16)
         ids = (torch.arange(count, device=device) % experts).to(torch.int32)[:, None]
         weights = torch.ones(count, 1, device=device)
-        us = timing.time_fn(lambda xi: experts_fn(xi, weights, ids), [x], device=device, mode=mode,
-                            quick=not on_gpu)
+        us = timing.time_fn(lambda xi: experts_fn(xi, weights, ids), [x], device=device, mode=mode)
         measured.append((n, us / experts))
         del x
     name = torch.cuda.get_device_name(device) if on_gpu else "cpu"

@@ -28,8 +28,8 @@ def csv_rows(result: dict):
     for r in result["load"]:
         base = {"section": "load", "experts": r["experts"], "top_k": r["top_k"], "tokens": r["tokens"],
                 "method": r["method"], "skew": r["skew"]}
-        for metric in ("slots_kept", "gate_mass", "max_mean_expert"):
-            yield {**base, "metric": metric, "value": r[metric]}
+        for metric in ("slots_kept", "gate_mass", "max_mean_expert", "active_experts"):
+            yield {**base, "metric": metric, "value": r.get(metric)}
         for g, v in r["max_mean_rank"].items():
             yield {**base, "ep_ranks": g, "metric": "max_mean_rank", "value": v}
         for g, v in r["slowest_rank_us"].items():
@@ -238,12 +238,12 @@ def markdown(result: dict, *, ratio_tokens=(1, 32, 256, 4096), load_ranks=(2, 4,
         lines += ["**Load balance**, max/mean (expert, and EP rank for " + ", ".join(f"G={g}" for g in load_ranks)
                   + "), slots kept and gate mass retained:", "",
                   "| E/k | tokens | skew | method | expert | " + " | ".join(f"EP{g}" for g in load_ranks)
-                  + " | slots kept | gate mass |",
-                  "|---|---:|---|---|---:|" + "---:|" * len(load_ranks) + "---:|---:|"]
+                  + " | slots kept | gate mass | active experts |",
+                  "|---|---:|---|---|---:|" + "---:|" * len(load_ranks) + "---:|---:|---:|"]
         for r in load:
             cells = [f"{r['max_mean_rank'][str(g)]:.2f}" if str(g) in r["max_mean_rank"] else "-" for g in load_ranks]
             lines.append(f"| {r['experts']}/{r['top_k']} | {r['tokens']} | {r['skew']} | {r['method']} | "
                          f"{r['max_mean_expert']:.2f} | " + " | ".join(cells)
-                         + f" | {r['slots_kept']:.1%} | {r['gate_mass']:.1%} |")
+                         + f" | {r['slots_kept']:.1%} | {r['gate_mass']:.1%} | {r.get('active_experts', 0):.0f} |")
         lines.append("")
     return "\n".join(lines)

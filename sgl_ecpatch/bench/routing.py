@@ -84,7 +84,8 @@ def _seed_baseline(top_k: int, capacity_factor: float):
         from . import seed_baseline
     except Exception as exc:  # noqa: BLE001
         return None, f"sgl_ecpatch.bench.seed_baseline not importable: {type(exc).__name__}: {exc}"
-    candidates = [getattr(seed_baseline, name) for name in dir(seed_baseline)
+    named = getattr(seed_baseline, "seed_expert_choice_topk", None)
+    candidates = [named] if callable(named) else [getattr(seed_baseline, name) for name in dir(seed_baseline)
                   if not name.startswith("_") and callable(getattr(seed_baseline, name))
                   and getattr(getattr(seed_baseline, name), "__module__", None) == seed_baseline.__name__
                   and ("expert_choice" in name or "seed" in name) and inspect.isfunction(getattr(seed_baseline, name))]

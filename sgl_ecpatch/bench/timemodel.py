@@ -11,6 +11,11 @@ Other shapes are scaled by `hidden * inter`: both the weight bytes (the
 memory-bound regime) and the FLOPs per token (the compute-bound regime) grow
 with that product.
 
+Measured points are made non-decreasing in n when a model is built: each time
+becomes the least time measured at that n or above. More tokens never take less
+time, and on a shared machine interference only ever adds time, so a point above
+a later one is noise.
+
 `DEFAULT_MODEL` is a roofline, not a measurement: H100 SXM at 70% of 3.35 TB/s
 for weights and 60% of 989 TFLOP/s dense bf16, for hidden 2048 / inter 768
 (Qwen3-30B-A3B), `us(n) = max(weight_bytes / bw, n * flops_per_token / peak)`.
@@ -48,9 +53,14 @@ class ExpertTimeModel:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.points = sorted((int(n), float(t)) for n, t in self.points)
-        if not self.points or any(n < 1 or t < 0 for n, t in self.points):
+        points = sorted((int(n), float(t)) for n, t in self.points)
+        if not points or any(n < 1 or t < 0 for n, t in points):
             raise ValueError("an expert time model needs points (tokens >= 1, us >= 0)")
+        least = float("inf")
+        for i in range(len(points) - 1, -1, -1):  # right to left: least time at this n or above
+            least = min(least, points[i][1])
+            points[i] = (points[i][0], least)
+        self.points = points
 
     def us(self, tokens: float, *, hidden: int | None = None, inter: int | None = None) -> float:
         if tokens <= 0:

@@ -104,3 +104,9 @@ def test_agrees_with_the_runtime_load_statistics():
         assert mine.tolist() == stats.rank_load(stats.expert_load(ids, 64), 8).tolist()
         assert gate_mass_retained(scores_of(logits), ids, 8) == pytest.approx(
             stats.gate_mass_retained(ids, logits, 8), rel=1e-9)
+
+
+def test_time_model_irons_out_upward_noise():
+    # interference only adds time: the 50 at n=8 is noise, the least time at n >= 8 is 20
+    model = ExpertTimeModel(1, 1, [(1, 10.0), (8, 50.0), (32, 20.0), (128, 80.0)])
+    assert model.points == [(1, 10.0), (8, 20.0), (32, 20.0), (128, 80.0)]
