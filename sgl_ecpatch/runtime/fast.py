@@ -86,10 +86,14 @@ def run_torch(router_logits: torch.Tensor, plan: RoutingPlan) -> Tuple[torch.Ten
         ordered = ordered_int32(ranking_key(scores, plan.correction_bias))
 
     # Rows that are valid, as a [T, 1] device mask, only when n lives on the device.
+    # n is compared, never multiplied, so it needs no clamp and no cast (an int32 n
+    # cannot overflow): t < n and the rank test below hold for clamp(n, 0, T) alike.
     row_valid: Optional[torch.Tensor] = None
     n_dev: Optional[torch.Tensor] = None
     if n_host is None:
-        n_dev = plan.num_valid_tensor.to(device=device, dtype=torch.int64).clamp(0, T)
+        n_dev = plan.num_valid_tensor
+        if n_dev.device != device:
+            n_dev = n_dev.to(device)
         row_valid = torch.arange(T, device=device).unsqueeze(1) < n_dev
         # Padding rows take the NaN rank: below every valid row with a number, and
         # tied with NaN rows, which win on the lower index. As C(n) <= n, no padding
@@ -111,16 +115,19 @@ def run_torch(router_logits: torch.Tensor, plan: RoutingPlan) -> Tuple[torch.Ten
             vals, token_idx = torch.topk(column_key, max_capacity, dim=0, sorted=False)
             lifted = vals + TIER
         else:
+            # Here C(n) = ceil(n * kp / eq) with kp < eq (else everyone is chosen), and
+            # rank r (0-based, sorted) is kept  <=>  r < ceil(n*kp/eq)
+            #   <=>  r*eq < n*kp  <=>  floor(r*eq / kp) < n   (n an integer).
             kp = k * plan.cf.numerator
             eq = E * plan.cf.denominator
-            if T * max(kp, eq) >= 2**62:
+            if max_capacity * eq >= 2**62:
                 raise ValueError(f"router_logits is too large for exact capacity arithmetic: T = {T}, E = {E}")
             vals, token_idx = torch.topk(key, max_capacity, dim=0, sorted=True)
-            # rank r is kept  <=>  r < ceil(n*kp/eq)  <=>  r*eq < n*kp   (no division)
-            rank_scaled = torch.arange(0, max_capacity * eq, eq, dtype=torch.int64, device=device)
-            rank_kept = rank_scaled.unsqueeze(1) < n_dev * kp
+            rank_floor = torch.arange(0, max_capacity * eq, eq, dtype=torch.int64, device=device) // kp
+            rank_kept = rank_floor.unsqueeze(1) < n_dev
             lifted = torch.add(vals, rank_kept, alpha=TIER)
-        row_key = key.scatter(0, token_idx, lifted)
+        # key is our own temporary: lift in place (one kernel, no copy).
+        row_key = key.scatter_(0, token_idx, lifted)
 
     top_vals, top_ids = torch.topk(row_key, k, dim=1)
 

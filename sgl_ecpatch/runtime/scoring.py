@@ -99,16 +99,34 @@ def total_order_key(ordered: torch.Tensor) -> torch.Tensor:
     return torch.add(ties, ordered, alpha=TIE_SHIFT)
 
 
+def sequential_row_sum(weights: torch.Tensor) -> torch.Tensor:
+    """Row sums [T] of ``weights`` [T, k] float32, added strictly in slot order.
+
+    On CUDA, ``torch.cumsum`` along the outer dimension of a contiguous [k, T] tensor
+    runs one thread per column that adds ``acc = acc + x[j]`` for j = 0..k-1 in float32
+    (PyTorch's outer-dimension scan), so its last row is the sequential sum in two
+    kernels instead of k - 1; ``tests/runtime/test_routing_gpu.py`` pins this
+    bit for bit. On the CPU, cumsum accumulates in double, so the sum is a loop of
+    float32 adds there.
+    """
+    num_slots = weights.shape[1]
+    if weights.is_cuda and num_slots > 2:
+        return torch.cumsum(weights.t().contiguous(), dim=0)[num_slots - 1]
+    total = weights[:, 0]
+    for slot in range(1, num_slots):
+        total = total + weights[:, slot]
+    return total
+
+
 def renormalize_rows(weights: torch.Tensor) -> torch.Tensor:
     """Divide each row of ``weights`` [T, k] float32 (all >= 0) by its sequential sum.
 
-    The sum runs in slot order ``((w0 + w1) + w2) + ...`` in float32. Rows whose sum is
-    0 (all vacant) stay 0: ``0 / 0`` is NaN there and is mapped back to 0. Where the sum
-    is positive no weight exceeds it, so no other NaN or inf can appear.
+    The sum runs in slot order ``((w0 + w1) + w2) + ...`` in float32 (see
+    `sequential_row_sum`). Rows whose sum is 0 (all vacant) stay 0: ``0 / 0`` is NaN
+    there and is mapped back to 0. Where the sum is positive no weight exceeds it, so
+    no other NaN or inf can appear.
     """
-    if weights.shape[1] == 0:
+    if weights.shape[1] == 0 or weights.shape[0] == 0:
         return weights
-    total = weights[:, 0]
-    for slot in range(1, weights.shape[1]):
-        total = total + weights[:, slot]
+    total = sequential_row_sum(weights)
     return torch.nan_to_num(weights / total.unsqueeze(1), nan=0.0)

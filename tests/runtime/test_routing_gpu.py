@@ -10,6 +10,7 @@ import torch
 
 from routing_oracles import DTYPES, assert_same_routing, make_logits
 from sgl_ecpatch.runtime import expert_choice_topk
+from sgl_ecpatch.runtime.scoring import sequential_row_sum
 
 pytestmark = [
     pytest.mark.gpu,
@@ -84,3 +85,17 @@ def test_cuda_graph_capture_and_replay(shape, fill):
         torch.cuda.synchronize()
         expected = expert_choice_topk(static_logits, k, impl="reference", fill=fill, num_token_non_padded=n)
         assert_same_routing(expected, static_out, context=f"replay seed={seed} n={n}")
+
+
+@pytest.mark.parametrize("num_slots", [3, 4, 8, 10, 64])
+def test_cuda_row_sum_is_sequential(num_slots):
+    """The cumsum-based CUDA row sum adds in slot order, bit for bit like a float32 loop."""
+    gen = torch.Generator().manual_seed(num_slots)
+    # Wide exponent range and many tiny terms: any other summation order shows.
+    mantissa = torch.rand(4096, num_slots, generator=gen)
+    exponent = torch.randint(-30, 2, (4096, num_slots), generator=gen).float()
+    weights = (mantissa * torch.pow(2.0, exponent)).cuda()
+    loop = weights[:, 0]
+    for slot in range(1, num_slots):
+        loop = loop + weights[:, slot]
+    assert torch.equal(sequential_row_sum(weights).view(torch.int32), loop.view(torch.int32))
