@@ -384,7 +384,9 @@ def status(
     importer_cache: dict[Path, dict[Path, bytes]] = {}
     for model in models:
         imported_by: list[str] = []
-        if any(call.patched for call in model.inspection.calls):
+        # Patching a module changes every model that imports from it (qwen3_next.py reuses
+        # qwen2_moe.py's Qwen2MoeSparseMoeBlock): say so for every file ecpatch can patch.
+        if any(call.state != State.unsupported for call in model.inspection.calls):
             imported_by = _importers(model.path, texts, importer_cache)
         for call in model.inspection.calls:
             rows.append(_row(model.path, call, imported_by))
@@ -407,15 +409,16 @@ def _installed_sglang() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _importers(path: Path, texts: dict[Path, bytes], cache: dict) -> list[str]:
+def _importers(path: Path, texts: dict[Path, bytes], cache: dict) -> list[dict]:
     root = _root_of(path)
     key = (root / "srt" / "models") if root is not None else path.parent
     if key not in cache:
         cache[key] = pfiles.sibling_candidates(path, root, known=texts)
-    return [pfiles.display_path(p) for p in pfiles.importers(path, cache[key], root)]
+    return [{"file": pfiles.display_path(p), "names": list(names)}
+            for p, names in pfiles.importers(path, cache[key], root)]
 
 
-def _row(path: Path, call: CallInfo, imported_by: list[str]) -> dict:
+def _row(path: Path, call: CallInfo, imported_by: list[dict]) -> dict:
     value = env_value(call.env_var) if call.state == State.env and call.env_var else None
     return {
         "file": pfiles.display_path(path),
@@ -443,7 +446,8 @@ def _print_table(rows: list[dict]) -> None:
             switch = f"{row['env_var']} -> {'on' if row['env_value'] else 'off'}"
         notes = row["reason"] or ""
         if row["imported_by"]:
-            notes = "also used by " + ", ".join(Path(p).name for p in row["imported_by"])
+            notes = "imported by " + "; ".join(
+                f"{Path(i['file']).name} ({', '.join(i['names'])})" for i in row["imported_by"])
         cf = "" if row["capacity_factor"] is None else f"{row['capacity_factor']:g}"
         table.add_row(f"{row['file']}:{row['line']}", row["target"] or "-",
                       f"[{styles[row['state']]}]{row['state']}[/]", cf, switch, notes)

@@ -231,12 +231,15 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def importers(path: Path, candidates: dict[Path, bytes], sglang_root: Optional[Path]) -> list[Path]:
-    """Other files among `candidates` that import from the module of `path`.
+def importers(path: Path, candidates: dict[Path, bytes],
+              sglang_root: Optional[Path]) -> list[tuple[Path, tuple[str, ...]]]:
+    """Other files among `candidates` that import from the module of `path`, with the names.
 
     E.g. qwen3_next.py imports ``Qwen2MoeSparseMoeBlock`` from qwen2_moe.py, so patching
-    qwen2_moe.py changes Qwen3-Next too. Matches ``from <module> import`` with the module
-    written absolutely (from the SGLang root) or relatively (``.qwen2_moe``).
+    qwen2_moe.py changes Qwen3-Next too (whereas a file importing only a helper such as
+    ``ReplicatedLinear`` is not affected: the names let the reader tell). Matches
+    ``from <module> import ...`` with the module written absolutely (from the SGLang root)
+    or relatively (``.qwen2_moe``), and ``import <module>`` (names: ``*``).
     """
     stem = path.stem
     if stem == "__init__":
@@ -250,12 +253,24 @@ def importers(path: Path, candidates: dict[Path, bytes], sglang_root: Optional[P
     else:
         absolute = r"[\w.]*\b" + re.escape(f"{path.parent.name}.{stem}")
     pattern = re.compile(
-        rf"^[ \t]*(?:from[ \t]+(?:{absolute}|\.+(?:[\w.]*\.)?{re.escape(stem)})[ \t]+import\b"
-        rf"|import[ \t]+{absolute}\b)".encode(), re.M)
+        rf"^[ \t]*(?:from[ \t]+(?:{absolute}|\.+(?:[\w.]*\.)?{re.escape(stem)})[ \t]+import[ \t]*"
+        rf"(?:\((?P<group>[^)]*)\)|(?P<line>[^\n#]*))|import[ \t]+{absolute}\b)".encode(), re.M)
     needle = stem.encode()
     me = path.resolve()
-    return [other for other, data in sorted(candidates.items())
-            if needle in data and other.resolve() != me and pattern.search(data)]
+    found = []
+    for other, data in sorted(candidates.items()):
+        if needle not in data or other.resolve() == me:
+            continue
+        names: list[str] = []
+        for match in pattern.finditer(data):
+            listed = (match.group("group") or match.group("line") or b"*").decode("utf-8", "replace")
+            for item in re.sub(r"#[^\n]*", "", listed).replace("\\", " ").split(","):
+                name = item.split(" as ")[0].strip()
+                if name and name not in names:
+                    names.append(name)
+        if names:
+            found.append((other, tuple(names)))
+    return found
 
 
 def sibling_candidates(path: Path, sglang_root: Optional[Path],

@@ -154,7 +154,8 @@ def test_status_table_and_importers(runner, tree, vendor_calls):
     assert "vendored package: min_tokens=None, layers=None" in result.stdout
     assert "SGLANG_EXPERT_CHOICE_BACKEND" in result.stdout
     (row,) = json.loads(invoke(runner, "status", "--json", "sglang").stdout)
-    assert row["state"] == "on" and row["imported_by"] == ["sglang/srt/models/qwen3_next.py"]
+    assert row["state"] == "on"
+    assert row["imported_by"] == [{"file": "sglang/srt/models/qwen3_next.py", "names": ["Qwen2MoeSparseMoeBlock"]}]
 
 
 def test_status_reports_unsupported_with_reason(runner, tree):

@@ -229,12 +229,16 @@ def test_importers_finds_absolute_and_relative_imports(tmp_path):
     (models / "qwen2_moe.py").write_text(MODEL)
     candidates = {
         models / "qwen3_next.py": b"from sglang.srt.models.qwen2_moe import Qwen2MoeSparseMoeBlock\n",
-        models / "rel.py": b"from .qwen2_moe import X\n",
+        models / "rel.py": b"from .qwen2_moe import X as Y, Z  # note\n",
+        models / "multi.py": b"from sglang.srt.models.qwen2_moe import (\n    A,  # a\n    B,\n)\n",
+        models / "whole.py": b"import sglang.srt.models.qwen2_moe\n",
         models / "other.py": b"from sglang.srt.models.qwen2_moe_extra import Y\n# qwen2_moe\n",
         models / "qwen2_moe.py": MODEL.encode(),
     }
     found = files.importers(models / "qwen2_moe.py", candidates, root)
-    assert [p.name for p in found] == ["qwen3_next.py", "rel.py"]
+    assert [(p.name, names) for p, names in found] == [
+        ("multi.py", ("A", "B")), ("qwen3_next.py", ("Qwen2MoeSparseMoeBlock",)), ("rel.py", ("X", "Z")),
+        ("whole.py", ("*",))]
 
 
 def test_diff_marks_a_missing_final_newline():

@@ -132,7 +132,8 @@ def test_cli_over_a_release_models_folder(sglang_wheel, tmp_path, monkeypatch):
     assert len(rows) >= 47
     assert {r["state"] for r in rows} == {"env", "unsupported"}
     qwen2 = next(r for r in rows if r["file"].endswith("models/qwen2_moe.py"))
-    assert "sglang/srt/models/qwen3_next.py" in qwen2["imported_by"]
+    importers = {i["file"]: i["names"] for i in qwen2["imported_by"]}
+    assert "Qwen2MoeSparseMoeBlock" in importers["sglang/srt/models/qwen3_next.py"]
     assert all(r["reason"] for r in rows if r["state"] == "unsupported")
 
     result = runner.invoke(cli.app, ["disable", "sglang"])
