@@ -213,7 +213,9 @@ def unified_diff(old: str, new: str, path: Path) -> str:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace `path` with `data` in one step (temp file in the same folder + rename),
-    keeping the file's permission bits. Raises OSError (the CLI reports it per file)."""
+    keeping the file's permission bits. A symlink is written through (its target changes,
+    the link stays). Raises OSError (the CLI reports it per file)."""
+    path = Path(os.path.realpath(path))
     mode = stat.S_IMODE(path.stat().st_mode)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".ecpatch-tmp", dir=path.parent)
     try:

@@ -183,6 +183,15 @@ def test_write_atomic_keeps_mode_and_leaves_no_temp_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model.py"]
 
 
+def test_write_atomic_writes_through_a_symlink(tmp_path):
+    target = tmp_path / "real.py"
+    target.write_text(MODEL)
+    link = tmp_path / "link.py"
+    link.symlink_to(target)
+    files.write_atomic(link, b"y = 2\n")
+    assert link.is_symlink() and target.read_bytes() == b"y = 2\n"
+
+
 def test_collect_folder_skips_non_models_and_reports_bad_files(tmp_path):
     models = tmp_path / "models"
     (models / "sub").mkdir(parents=True)
