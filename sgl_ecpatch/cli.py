@@ -148,13 +148,17 @@ def enable(
                         verb="patched", dry_run=dry_run, diff=diff, check=check, errors=bad_paths)
 
     if vendor is not None:
-        outside = [o.path for o in report.ended_patched if vendor.find_sglang_root(o.path.resolve()) is None]
-        for path in outside:
-            ui.warn(f"{pfiles.display_path(path)}: not inside an SGLang tree, so the vendored expert-choice "
-                    "package could not be installed; the file will not import until it is",
+        # Install where a file was (or, with --dry-run, would be) written; also where patched
+        # files lack the package, or where new settings were given.
+        by_root: dict[Optional[Path], list[_Outcome]] = {}
+        for outcome in report.ended_patched:
+            by_root.setdefault(_root_of(outcome.path), []).append(outcome)
+        for outcome in by_root.pop(None, []):
+            ui.warn(f"{pfiles.display_path(outcome.path)}: not inside an SGLang tree, so the vendored "
+                    "expert-choice package could not be installed; the file will not import until it is",
                     hint="patch the file inside an SGLang tree (sglang/srt/models/...)")
-        for root in _roots(o.path for o in report.ended_patched):
-            touched = any(o.written or dry_run and o.changed for o in report.outcomes if _root_of(o.path) == root)
+        for root, outcomes in by_root.items():
+            touched = any(o.written or (dry_run and o.changed) for o in outcomes)
             if touched or vendor.vendored_info(root) is None or min_tokens is not None or layers is not None:
                 message = _install(vendor, root, min_tokens=min_tokens, layers=layers, dry_run=dry_run)
                 ui.info(f"{pfiles.display_path(root)}: {message}")
