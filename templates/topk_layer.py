@@ -4,7 +4,7 @@
 rewrites model files to import its `TopK` right after SGLang's own::
 
     from sglang.srt.layers.moe.topk import TopK
-    from sglang.srt.layers.moe.expert_choice import TopK  # ecpatch
+    from sglang.srt.layers.moe.expert_choice import TopK  # (ecpatch's marker comment)
     ...
     self.topk = TopK(top_k=..., renormalize=..., use_expert_choice=..., expert_capacity_factor=1.25)
 
