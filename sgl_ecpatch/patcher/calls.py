@@ -303,18 +303,7 @@ def _collect_keys(node: ast.expr, function: Optional[ast.AST], keys: dict, seen:
                 return f"the dict has a computed key ({ast.unparse(key)})"
         return None
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict":
-        for arg in node.args:
-            why = _collect_keys(arg, function, keys, seen)
-            if why:
-                return why
-        for kw in node.keywords:
-            if kw.arg is None:
-                why = _collect_keys(kw.value, function, keys, seen)
-                if why:
-                    return why
-            else:
-                keys.setdefault(kw.arg, []).append(kw.value)
-        return None
+        return _collect_call_keys(node, function, keys, seen)
     if isinstance(node, ast.IfExp):
         return (_collect_keys(node.body, function, keys, seen)
                 or _collect_keys(node.orelse, function, keys, seen))
@@ -324,6 +313,22 @@ def _collect_keys(node: ast.expr, function: Optional[ast.AST], keys: dict, seen:
         seen.add(node.id)
         return _collect_name(node.id, function, keys, seen)
     return f"{ast.unparse(node)} is not a dict ecpatch can read"
+
+
+def _collect_call_keys(call: ast.Call, function: Optional[ast.AST], keys: dict, seen: set) -> Optional[str]:
+    """Keys passed by ``dict(...)`` or ``name.update(...)``: mappings, then keyword arguments."""
+    for arg in call.args:
+        why = _collect_keys(arg, function, keys, seen)
+        if why:
+            return why
+    for kw in call.keywords:
+        if kw.arg is None:
+            why = _collect_keys(kw.value, function, keys, seen)
+            if why:
+                return why
+        else:
+            keys.setdefault(kw.arg, []).append(kw.value)
+    return None
 
 
 def _collect_name(name: str, function: Optional[ast.AST], keys: dict, seen: set) -> Optional[str]:
@@ -362,17 +367,9 @@ def _collect_name(name: str, function: Optional[ast.AST], keys: dict, seen: set)
               and _is_name(node.func.value, name)):
             method = node.func.attr
             if method == "update":
-                for arg in node.args:
-                    why = _collect_keys(arg, function, keys, seen)
-                    if why:
-                        return why
-                for kw in node.keywords:
-                    if kw.arg is None:
-                        why = _collect_keys(kw.value, function, keys, seen)
-                        if why:
-                            return why
-                    else:
-                        keys.setdefault(kw.arg, []).append(kw.value)
+                why = _collect_call_keys(node, function, keys, seen)
+                if why:
+                    return why
             elif method in ("setdefault", "__setitem__", "__ior__"):
                 return f"{name} is changed with .{method}(...)"
     if not assigned:
