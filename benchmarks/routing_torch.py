@@ -130,7 +130,8 @@ def main(argv=None) -> int:
         configs = CONFIGS
         replays = 5 if args.quick else 15
     else:
-        card = "CPU (not GPU times: run on a CUDA machine for the real table)"
+        card = "CPU, 1 thread (not GPU times: run on a CUDA machine for the real table)"
+        torch.set_num_threads(1)
         tokens = args.tokens or [1, 16, 256]
         configs = [(60, 4), (128, 8)]
         replays = 3

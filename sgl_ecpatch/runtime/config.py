@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import operator
@@ -52,6 +53,7 @@ __all__ = [
 # --------------------------------------------------------------------------- capacity
 
 
+@functools.lru_cache(maxsize=64)
 def capacity_fraction(capacity_factor: float) -> Fraction:
     """``cf`` as the exact fraction every path uses (denominator at most 1000)."""
     return Fraction(capacity_factor).limit_denominator(CF_MAX_DENOMINATOR)
@@ -318,7 +320,7 @@ class ExpertChoiceSettings:
     layers: Optional[FrozenSet[int]] = None
 
     def __post_init__(self):
-        parse_min_tokens(self.min_tokens)
+        object.__setattr__(self, "min_tokens", parse_min_tokens(self.min_tokens))
         if self.layers is not None and not isinstance(self.layers, frozenset):
             object.__setattr__(self, "layers", frozenset(self.layers))
 

@@ -131,8 +131,9 @@ def gate_mass_retained(
             f"topk_ids has {topk_ids.shape[0]} rows but router_logits has {num_tokens}"
         )
     n = resolve_num_valid_rows_host(num_token_non_padded, num_tokens)
-    scores = routing_scores(router_logits, scoring_func)[:n].detach().cpu()
-    key = ranking_key(routing_scores(router_logits, scoring_func), correction_bias)[:n].detach().cpu()
+    all_scores = routing_scores(router_logits, scoring_func)
+    scores = all_scores[:n].detach().cpu()
+    key = ranking_key(all_scores, correction_bias)[:n].detach().cpu()
     scores64 = torch.nan_to_num(scores, nan=0.0).double()
 
     ids = topk_ids[:n].detach().to("cpu", torch.int64)

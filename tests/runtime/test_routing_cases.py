@@ -166,3 +166,16 @@ def test_renormalize_sums_in_slot_order():
     total = torch.tensor(1.0 + 2.0**-23, dtype=torch.float32)
     assert torch.equal(out[1], w[1] / total)
     assert out[2].tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("fill", ["drop", "topk"])
+def test_non_contiguous_logits(fill):
+    # A transposed view and a column slice route like their contiguous copies.
+    base = torch.randn(12, 40, generator=torch.Generator().manual_seed(5))
+    for view in (base.t(), base[:, ::2]):
+        assert not view.is_contiguous()
+        for impl in IMPLS:
+            assert_same_routing(
+                expert_choice_topk(view.contiguous(), 3, fill=fill, impl="reference"),
+                expert_choice_topk(view, 3, fill=fill, impl=impl),
+            )
