@@ -140,8 +140,7 @@ def _run_unguarded(code: str, filename: str, plan: Callable[[CallInfo], dict], *
     switches = rewriter.final_switches
     want_vendored = (any(switch not in (None, KEEP) for switch in switches)
                      or (KEEP in switches and inspection.has_vendored_import))
-    want_os = (any(switch == "env" for switch in rewriter.final_switches)
-               and not inspection.imports_os)
+    want_os = any(switch == "env" for switch in switches) and not inspection.imports_os
     sync = ImportSync(want_vendored=want_vendored, want_os=want_os, config=module.config_for_parsing)
     module = module.visit(sync)
     if sync.missing_anchor:
