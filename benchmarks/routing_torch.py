@@ -14,6 +14,8 @@ call in microseconds. Variants:
 * ``fast``: `sgl_ecpatch.runtime.fast` with ``num_token_non_padded=None``;
 * ``fast n=dev``: the same with ``num_token_non_padded`` as a device tensor, what SGLang
   passes under CUDA graphs (capacity decided on the device);
+* ``fast row=sort``: ``fast n=dev`` with each row's slots taken from a full row sort
+  instead of ``topk(k)`` (`runtime.fast.ROW_SELECT`: keep the faster one);
 * ``cuda``: the CUDA kernel, when ``runtime.kernel.try_load()`` gives one.
 
 Without a GPU it runs one tiny size on the CPU and says that the times are not GPU times.
@@ -33,7 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sgl_ecpatch.bench.seed_baseline import seed_expert_choice_topk  # noqa: E402
-from sgl_ecpatch.runtime.fast import expert_choice_topk_torch  # noqa: E402
+from sgl_ecpatch.runtime.config import validate  # noqa: E402
+from sgl_ecpatch.runtime.fast import expert_choice_topk_torch, run_torch  # noqa: E402
 
 CONFIGS = [(60, 4), (128, 8), (512, 10)]
 TOKENS = [1, 16, 256, 1024, 4096, 16384]
@@ -48,6 +51,9 @@ def _variants(num_tokens: int, device, with_kernel: bool):
         "fast": lambda x, k: expert_choice_topk_torch(x, k, capacity_factor=CAPACITY_FACTOR),
         "fast n=dev": lambda x, k: expert_choice_topk_torch(
             x, k, capacity_factor=CAPACITY_FACTOR, num_token_non_padded=n_dev
+        ),
+        "fast row=sort": lambda x, k: run_torch(
+            x, validate(x, k, capacity_factor=CAPACITY_FACTOR, num_token_non_padded=n_dev), row_select="sort"
         ),
     }
     if with_kernel:

@@ -71,8 +71,19 @@ def _empty_result(plan: RoutingPlan, device) -> Tuple[torch.Tensor, torch.Tensor
     )
 
 
-def run_torch(router_logits: torch.Tensor, plan: RoutingPlan) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Route with validated arguments (see `expert_choice_topk_torch`)."""
+ROW_SELECT = "topk"
+
+
+def run_torch(
+    router_logits: torch.Tensor, plan: RoutingPlan, *, row_select: Optional[str] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Route with validated arguments (see `expert_choice_topk_torch`).
+
+    ``row_select`` ("topk" or "sort", default `ROW_SELECT`) picks how each row's k
+    slots are found: ``torch.topk(k)`` or a full row ``torch.sort`` cut to k. The keys
+    are unique, so both give the same result; which is faster depends on E and the
+    device (``benchmarks/routing_torch.py`` times both).
+    """
     T, E, k = plan.num_tokens, plan.num_experts, plan.top_k
     device = router_logits.device
     n_host = plan.num_valid
@@ -129,7 +140,11 @@ def run_torch(router_logits: torch.Tensor, plan: RoutingPlan) -> Tuple[torch.Ten
         # key is our own temporary: lift in place (one kernel, no copy).
         row_key = key.scatter_(0, token_idx, lifted)
 
-    top_vals, top_ids = torch.topk(row_key, k, dim=1)
+    if (row_select or ROW_SELECT) == "sort":
+        sorted_vals, sorted_ids = torch.sort(row_key, dim=1, descending=True)
+        top_vals, top_ids = sorted_vals[:, :k], sorted_ids[:, :k]
+    else:
+        top_vals, top_ids = torch.topk(row_key, k, dim=1)
 
     # Which slots hold an expert: lifted ones with "drop" (or all when everyone is
     # chosen), all with "topk"; padding rows never.

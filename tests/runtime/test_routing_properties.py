@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from routing_oracles import DTYPES, assert_same_routing, make_logits, plain_topk_ids
 from sgl_ecpatch.runtime import capacity, expert_choice_topk
+from sgl_ecpatch.runtime.config import validate
+from sgl_ecpatch.runtime.fast import run_torch
 from sgl_ecpatch.runtime.scoring import ranking_key, routing_scores
 
 # Keep the Python-loop reference affordable on 2 cores: T * E below this.
@@ -83,6 +85,9 @@ def test_fast_path_equals_reference(case):
     expected = expert_choice_topk(logits, top_k, impl="reference", **kwargs)
     actual = expert_choice_topk(logits, top_k, impl="torch", **kwargs)
     assert_same_routing(expected, actual, context=f"T,E,k={tuple(logits.shape)},{top_k} {kwargs}")
+    # The other row selection (full sort instead of topk) gives the same bits too.
+    plan = validate(logits, top_k, **kwargs)
+    assert_same_routing(expected, run_torch(logits, plan, row_select="sort"), context="row_select=sort")
 
 
 @PROFILE
