@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import importlib
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -112,8 +113,203 @@ def check_model_file(module_name: str, num_experts: int, top_k: int, norm: bool,
     return passed
 
 
+# ------------------------------------------------------------------ layer features
+# Each feature check builds the vendored TopK directly (as the patched qwen2_moe call
+# would) and sets the environment variables it reads at construction in os.environ.
+
+E, K = 60, 4
+
+
+def _vendored_topk(**kwargs):
+    from sglang.srt.layers.moe.expert_choice import TopK
+
+    arguments = dict(top_k=K, renormalize=True, layer_id=5, use_expert_choice=True, expert_capacity_factor=1.25)
+    arguments.update(kwargs)
+    return TopK(**arguments)
+
+
+def _own_topk(**kwargs):
+    from sglang.srt.layers.moe.topk import TopK
+
+    arguments = dict(top_k=K, renormalize=True, layer_id=5)
+    arguments.update(kwargs)
+    return TopK(**arguments)
+
+
+def _logits(num_tokens, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(num_tokens, E, generator=generator) * 2, torch.randn(num_tokens, 8, generator=generator)
+
+
+def _env(**values):
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def _raises(function, *needles):
+    try:
+        function()
+    except (ValueError, NotImplementedError) as exc:
+        message = str(exc)
+        for needle in needles:
+            assert needle in message, f"{needle!r} not in {message!r}"
+        return message
+    raise AssertionError(f"no error raised; expected one naming {needles}")
+
+
+def check_adaptive_min_tokens():
+    _env(SGLANG_EXPERT_CHOICE_MIN_TOKENS="32", SGLANG_EXPERT_CHOICE_LAYERS=None)
+    topk = _vendored_topk()
+    small, hidden = _logits(31)
+    out = topk.forward_native(hidden, small)
+    ref = _own_topk().forward_native(hidden, small)
+    assert torch.equal(out.topk_ids, ref.topk_ids) and torch.equal(out.topk_weights, ref.topk_weights)
+    big, hidden = _logits(32, seed=1)
+    weights, ids = expected_expert_choice(topk, big)
+    out = topk.forward_native(hidden, big)
+    assert torch.equal(out.topk_ids, ids) and torch.equal(out.topk_weights, weights)
+
+
+def check_hybrid_layers():
+    _env(SGLANG_EXPERT_CHOICE_MIN_TOKENS=None, SGLANG_EXPERT_CHOICE_LAYERS="0-3,7")
+    logits, hidden = _logits(40)
+    outside = _vendored_topk(layer_id=5)
+    assert not outside.expert_choice_layer
+    ref = _own_topk(layer_id=5).forward_native(hidden, logits)
+    out = outside.forward_native(hidden, logits)
+    assert torch.equal(out.topk_ids, ref.topk_ids) and torch.equal(out.topk_weights, ref.topk_weights)
+    inside = _vendored_topk(layer_id=7)
+    assert inside.expert_choice_layer
+    weights, ids = expected_expert_choice(inside, logits)
+    out = inside.forward_native(hidden, logits)
+    assert torch.equal(out.topk_ids, ids) and torch.equal(out.topk_weights, weights)
+
+
+def check_bad_environment_fails_at_construction():
+    _env(SGLANG_EXPERT_CHOICE_MIN_TOKENS="lots", SGLANG_EXPERT_CHOICE_LAYERS=None)
+    _raises(_vendored_topk, "SGLANG_EXPERT_CHOICE_MIN_TOKENS")
+    _env(SGLANG_EXPERT_CHOICE_MIN_TOKENS=None, SGLANG_EXPERT_CHOICE_LAYERS="3-1")
+    _raises(_vendored_topk, "SGLANG_EXPERT_CHOICE_LAYERS", "3-1")
+    _vendored_topk(use_expert_choice=False)  # switched off: the variables are not read
+    _env(SGLANG_EXPERT_CHOICE_LAYERS=None)
+    _raises(lambda: _vendored_topk(expert_capacity_factor=0.0), "expert_capacity_factor")
+
+
+def check_refusals():
+    _env(SGLANG_EXPERT_CHOICE_MIN_TOKENS=None, SGLANG_EXPERT_CHOICE_LAYERS=None)
+    _raises(lambda: _vendored_topk(use_grouped_topk=True, num_expert_group=4, topk_group=2), "grouped top-k")
+    _raises(lambda: _vendored_topk(custom_routing_function=lambda **kw: None), "custom_routing_function")
+    from sglang.srt.layers.moe.topk import TopKOutputFormat
+    from sglang.srt.layers.moe.utils import MoeRunnerBackend
+
+    _raises(lambda: _vendored_topk(output_format=TopKOutputFormat.TRITON_KERNEL), "TRITON_KERNEL")
+    bound = _vendored_topk()
+    _raises(lambda: bound.bind_runner_backend(MoeRunnerBackend.TRITON_KERNELS), "triton_kernel", "--moe-runner-backend")
+    # Off, the same arguments are SGLang's business: no refusal.
+    _vendored_topk(use_expert_choice=False, use_grouped_topk=True, num_expert_group=4, topk_group=2)
+    off = _vendored_topk(use_expert_choice=False)
+    off.bind_runner_backend(MoeRunnerBackend.TRITON_KERNELS)
+    assert off.topk_config.output_format == TopKOutputFormat.TRITON_KERNEL
+
+
+def check_vacant_slots_per_runner():
+    from sglang.srt.layers.moe.utils import MoeRunnerBackend
+
+    _env(SGLANG_EXPERT_CHOICE_MIN_TOKENS=None, SGLANG_EXPERT_CHOICE_LAYERS=None)
+    logits, hidden = _logits(37, seed=3)
+    raw_weights, raw_ids = expected_expert_choice(_vendored_topk(), logits, skip_vacant=True)
+    assert (raw_ids < 0).any(), "the input must leave some slots vacant"
+    triton = _vendored_topk()
+    triton.bind_runner_backend(MoeRunnerBackend.TRITON)  # skips -1: ids exactly ROUTING.md's
+    out = triton.forward_native(hidden, logits)
+    assert torch.equal(out.topk_ids, raw_ids) and torch.equal(out.topk_weights, raw_weights)
+    for runner in (MoeRunnerBackend.FLASHINFER_CUTLASS, MoeRunnerBackend.MARLIN, None):
+        topk = _vendored_topk()
+        topk.bind_runner_backend(runner)
+        out = topk.forward_native(hidden, logits)
+        assert (out.topk_ids >= 0).all(), runner
+        vacant = raw_ids < 0
+        assert torch.equal(out.topk_ids[~vacant], raw_ids[~vacant]), runner
+        assert (out.topk_weights[vacant] == 0).all() and torch.equal(out.topk_weights, raw_weights), runner
+
+
+def check_padding_rows():
+    _env(SGLANG_EXPERT_CHOICE_MIN_TOKENS=None, SGLANG_EXPERT_CHOICE_LAYERS=None)
+    logits, hidden = _logits(24, seed=4)
+    topk = _vendored_topk()
+    out = topk.forward_native(hidden, logits, num_token_non_padded=torch.tensor(9))
+    weights, ids = expected_expert_choice(topk, logits, 9)
+    assert torch.equal(out.topk_ids, ids) and torch.equal(out.topk_weights, weights)
+    assert (out.topk_ids[9:] == -1).all() and (out.topk_weights[9:] == 0).all()
+    # Padding takes no capacity: the valid rows route as if the padding were not there.
+    alone = topk.forward_native(hidden[:9], logits[:9])
+    assert torch.equal(alone.topk_ids, out.topk_ids[:9]) and torch.equal(alone.topk_weights, out.topk_weights[:9])
+
+
+def check_eplb_static_mapping():
+    from sglang.srt.eplb.expert_location_dispatch import ExpertLocationDispatchInfo
+
+    _env(SGLANG_EXPERT_CHOICE_MIN_TOKENS=None, SGLANG_EXPERT_CHOICE_LAYERS=None)
+    logits, hidden = _logits(29, seed=5)
+    physical = torch.randperm(E, generator=torch.Generator().manual_seed(6)).to(torch.int32) + 100
+    info = ExpertLocationDispatchInfo(
+        ep_dispatch_algorithm="static",
+        partial_logical_to_rank_dispatch_physical_map=physical,
+        partial_logical_to_all_physical_map=physical[:, None],
+        partial_logical_to_all_physical_map_num_valid=torch.ones(E, dtype=torch.int32),
+        num_physical_experts=E + 100,
+    )
+    from sglang.srt.layers.moe.utils import MoeRunnerBackend
+
+    topk = _vendored_topk()
+    topk.bind_runner_backend(MoeRunnerBackend.TRITON)  # keep -1: the mapping must leave it alone
+    out = topk.forward_native(hidden, logits, expert_location_dispatch_info=info, num_token_non_padded=torch.tensor(25))
+    weights, ids = expected_expert_choice(topk, logits, 25, skip_vacant=True)
+    mapped = torch.where(ids >= 0, physical[ids.clamp(min=0).long()], ids)
+    assert torch.equal(out.topk_ids, mapped), (out.topk_ids, mapped)
+    assert torch.equal(out.topk_weights, weights)
+
+
+def check_stamp_defaults_and_signature():
+    import inspect
+    from pathlib import Path
+
+    from sglang.srt.layers.moe import expert_choice
+    from sglang.srt.layers.moe.expert_choice import TopK, topk_layer
+
+    stamp = json.loads(Path(expert_choice.__file__).with_name("ecpatch_stamp.json").read_text())
+    _env(SGLANG_EXPERT_CHOICE_MIN_TOKENS=None, SGLANG_EXPERT_CHOICE_LAYERS=None)
+    settings = _vendored_topk().expert_choice_settings
+    assert settings.min_tokens == (stamp["min_tokens"] or 0)
+    parameters = inspect.signature(TopK).parameters
+    assert "use_expert_choice" in parameters and "expert_capacity_factor" in parameters and "layer_id" in parameters
+    assert topk_layer._SGLangTopK.__module__ == "sglang.srt.layers.moe.topk"
+
+
+FEATURE_CHECKS = [name for name in dict(globals()) if name.startswith("check_") and name != "check_model_file"]
+
+
+def run_features(names) -> None:
+    import traceback
+
+    for name in names:
+        try:
+            globals()[name]()
+        except Exception:
+            print("FAIL", name, flush=True)
+            traceback.print_exc()
+        else:
+            print("PASS", name, flush=True)
+
+
 def main(spec_json: str) -> None:
     spec = json.loads(spec_json)
+    if "features" in spec:
+        run_features(spec["features"])
+        return
     for name in check_model_file(**spec):
         print("PASS", name, flush=True)
 

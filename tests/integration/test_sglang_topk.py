@@ -69,3 +69,21 @@ def test_patched_model_file_topk(patched_tree, module_name, switch):
     out = run_checks(patched_tree, code, env={"SGLANG_EXPERT_CHOICE": "1" if switch == "on" else "0"})
     calls = 2 if module_name.endswith("ernie45_moe_vl") else 1
     assert out.count("PASS ") == calls, out
+
+
+def test_layer_features(patched_tree):
+    """Adaptive, hybrid, bad settings, refusals, vacant slots per runner, padding, EPLB, stamp."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import sglang_checks
+
+    names = sglang_checks.FEATURE_CHECKS
+    assert len(names) >= 8
+    code = f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import sglang_checks
+        sglang_checks.main({json.dumps({"features": names})!r})
+    """
+    proc = sglang_env.run_python(code, sglang_parent=patched_tree)
+    passed = {line.split()[1] for line in proc.stdout.splitlines() if line.startswith("PASS ")}
+    assert passed == set(names), f"failed: {sorted(set(names) - passed)}\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}"
