@@ -16,6 +16,8 @@ call in microseconds. Variants:
   passes under CUDA graphs (capacity decided on the device);
 * ``fast row=sort``: ``fast n=dev`` with each row's slots taken from a full row sort
   instead of ``topk(k)`` (`runtime.fast.ROW_SELECT`: keep the faster one);
+* ``fast col=E,T``: ``fast n=dev`` with the experts' selection on a contiguous [E, T]
+  key (`runtime.fast.COLUMN_LAYOUT`);
 * ``cuda``: the CUDA kernel, when ``runtime.kernel.try_load()`` gives one.
 
 Without a GPU it runs one tiny size on the CPU and says that the times are not GPU times.
@@ -54,6 +56,9 @@ def _variants(num_tokens: int, device, with_kernel: bool):
         ),
         "fast row=sort": lambda x, k: run_torch(
             x, validate(x, k, capacity_factor=CAPACITY_FACTOR, num_token_non_padded=n_dev), row_select="sort"
+        ),
+        "fast col=E,T": lambda x, k: run_torch(
+            x, validate(x, k, capacity_factor=CAPACITY_FACTOR, num_token_non_padded=n_dev), column_layout="experts"
         ),
     }
     if with_kernel:

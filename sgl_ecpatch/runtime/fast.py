@@ -43,8 +43,10 @@ from .scoring import (
     nonnegative_ordered_int32,
     ordered_int32,
     ranking_key,
+    TIE_SHIFT,
     renormalize_rows,
     routing_scores,
+    tie_break_table,
     total_order_key,
 )
 
@@ -72,17 +74,27 @@ def _empty_result(plan: RoutingPlan, device) -> Tuple[torch.Tensor, torch.Tensor
 
 
 ROW_SELECT = "topk"
+COLUMN_LAYOUT = "tokens"
 
 
 def run_torch(
-    router_logits: torch.Tensor, plan: RoutingPlan, *, row_select: Optional[str] = None
+    router_logits: torch.Tensor,
+    plan: RoutingPlan,
+    *,
+    row_select: Optional[str] = None,
+    column_layout: Optional[str] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Route with validated arguments (see `expert_choice_topk_torch`).
 
-    ``row_select`` ("topk" or "sort", default `ROW_SELECT`) picks how each row's k
-    slots are found: ``torch.topk(k)`` or a full row ``torch.sort`` cut to k. The keys
-    are unique, so both give the same result; which is faster depends on E and the
-    device (``benchmarks/routing_torch.py`` times both).
+    Two layout choices give the same bits (the keys are unique) and only differ in
+    speed, which depends on E, T and the device (``benchmarks/routing_torch.py`` times
+    them):
+
+    * ``row_select`` ("topk" or "sort", default `ROW_SELECT`): each row's k slots from
+      ``torch.topk(k)`` or from a full row ``torch.sort`` cut to k.
+    * ``column_layout`` ("tokens" or "experts", default `COLUMN_LAYOUT`): the experts'
+      selection runs down the columns of the [T, E] key, or along the rows of an
+      [E, T] copy (contiguous reads, one extra transpose back for the row stage).
     """
     T, E, k = plan.num_tokens, plan.num_experts, plan.top_k
     device = router_logits.device
@@ -110,20 +122,28 @@ def run_torch(
         # tied with NaN rows, which win on the lower index. As C(n) <= n, no padding
         # row is ever among an expert's first C(n) tokens.
         ordered = torch.where(row_valid, ordered, INT32_MIN)
-    key = total_order_key(ordered)
 
     everyone = _everyone_chosen(plan)
     max_capacity = plan.max_capacity if n_host is None else plan.host_capacity
     if everyone or max_capacity == 0:
         # No selection to make: every expert takes every valid token (kept = plain
         # top-k), or none takes any (C == 0, only possible for cf < 1/2000).
-        row_key = key
+        row_key = total_order_key(ordered)
         lifted_all = everyone
     else:
         lifted_all = False
+        by_expert = (column_layout or COLUMN_LAYOUT) == "experts"
+        if by_expert:
+            # [E, T] contiguous: each expert's candidates are one contiguous row.
+            key = torch.empty((E, T), dtype=torch.int64, device=device)
+            torch.add(tie_break_table(E, T, device), ordered.t(), alpha=TIE_SHIFT, out=key)
+            token_dim = 1
+        else:
+            key = total_order_key(ordered)
+            token_dim = 0
         if n_host is not None:
-            column_key = key if n_host == T else key[:n_host]
-            vals, token_idx = torch.topk(column_key, max_capacity, dim=0, sorted=False)
+            column_key = key if n_host == T else key.narrow(token_dim, 0, n_host)
+            vals, token_idx = torch.topk(column_key, max_capacity, dim=token_dim, sorted=False)
             lifted = vals + TIER
         else:
             # Here C(n) = ceil(n * kp / eq) with kp < eq (else everyone is chosen), and
@@ -133,12 +153,13 @@ def run_torch(
             eq = E * plan.cf.denominator
             if max_capacity * eq >= 2**62:
                 raise ValueError(f"router_logits is too large for exact capacity arithmetic: T = {T}, E = {E}")
-            vals, token_idx = torch.topk(key, max_capacity, dim=0, sorted=True)
+            vals, token_idx = torch.topk(key, max_capacity, dim=token_dim, sorted=True)
             rank_floor = torch.arange(0, max_capacity * eq, eq, dtype=torch.int64, device=device) // kp
-            rank_kept = rank_floor.unsqueeze(1) < n_dev
+            rank_kept = rank_floor.unsqueeze(1 - token_dim) < n_dev
             lifted = torch.add(vals, rank_kept, alpha=TIER)
         # key is our own temporary: lift in place (one kernel, no copy).
-        row_key = key.scatter_(0, token_idx, lifted)
+        key.scatter_(token_dim, token_idx, lifted)
+        row_key = key.t().contiguous() if by_expert else key
 
     if (row_select or ROW_SELECT) == "sort":
         sorted_vals, sorted_ids = torch.sort(row_key, dim=1, descending=True)
