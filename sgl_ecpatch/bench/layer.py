@@ -123,6 +123,16 @@ def sglang_triton_experts(w: Weights, top_k: int) -> Callable:
     from sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe import fused_experts
     from sglang.srt.layers.moe.topk import StandardTopKOutput
 
+    try:  # outside a server, SGLang 0.5.23 wants a published runtime context (its TopK does too)
+        from sglang.srt.runtime_context import publish_role
+
+        if publish_role() is None:
+            from sglang.srt.runtime_context import publish
+            from sglang.srt.server_args import ServerArgs
+
+            publish(ServerArgs(model_path="dummy"), role="scheduler")
+    except ImportError:
+        pass  # older SGLang: no runtime context
     experts = w.w13.shape[0]
     config = MoeRunnerConfig(num_experts=experts, num_local_experts=experts, top_k=top_k,
                              activation="silu", inplace=False)
