@@ -282,7 +282,8 @@ def install(root: Path, *, min_tokens: Optional[int] = None, layers: Optional[st
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    return f"{verb}ed the vendored expert-choice package ({where}, ecpatch {__version__}, {settings})"
+    done = "updated" if verb == "update" else "installed"
+    return f"{done} the vendored expert-choice package ({where}, ecpatch {__version__}, {settings})"
 
 
 def remove(root: Path, *, dry_run: bool = False) -> bool:
