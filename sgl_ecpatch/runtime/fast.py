@@ -18,15 +18,18 @@ How it works:
    the device the capacity ``C(n)`` is data-dependent, so the selection takes the
    static bound ``C(T)`` sorted and keeps ranks ``r < C(n)``, computed on the device.
 3. Chosen entries are lifted by 2**62 (|K| < 2**61, so lifted keys are >= 2**61 and
-   every other key is below), so one
-   row-wise ``topk(k)`` lists a token's kept experts first, in key order, then its
-   best other experts: exactly the slot list of ``fill="topk"``; ``fill="drop"``
-   makes the unlifted slots vacant.
+   every other key is below), so one row-wise ``topk(k)`` lists a token's kept
+   experts first, in key order, then its best other experts: exactly the slot list
+   of ``fill="topk"``; ``fill="drop"`` makes the unlifted slots vacant.
 4. Weights are gathered from the scores, NaN -> 0, vacant -> 0, then renormalised by
    the shared sequential sum.
 
 Shortcuts decided on the host: when no expert can be full (``C(m) == m`` for every
 possible n, e.g. a single row) step 2 is skipped and the result is plain top-k.
+
+Cost: two int64 selections (experts over tokens, then tokens over experts) plus about
+15 small elementwise kernels; `ROW_SELECT` and `COLUMN_LAYOUT` pick between layouts
+that give the same bits (see `run_torch`).
 """
 
 from __future__ import annotations
