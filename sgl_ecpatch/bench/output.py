@@ -109,7 +109,10 @@ def plot(result: dict, path) -> None:
             ax.set_ylabel("us")
         else:
             load = result["load"]
-            first = (load[0]["experts"], load[0]["top_k"])
+            ranks = max(int(g) for r in load for g in r["max_mean_rank"])
+            shapes = sorted({(r["experts"], r["top_k"]) for r in load}, key=lambda s: (s[0] % ranks != 0, -s[0]))
+            # the largest router whose experts split evenly over the ranks (SGLang needs that)
+            first = (128, 8) if (128, 8) in shapes else shapes[0]
             count = max(r["tokens"] for r in load if (r["experts"], r["top_k"]) == first)
             rows_here = [r for r in load if (r["experts"], r["top_k"]) == first and r["tokens"] == count]
             ranks = max(int(g) for g in rows_here[0]["max_mean_rank"])

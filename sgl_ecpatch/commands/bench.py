@@ -7,7 +7,6 @@ Exit codes: 0 done, 2 usage or input error.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -89,7 +88,23 @@ class _Progress:
 
 # ------------------------------------------------------------------ bench
 
+def _command_line(ctx: typer.Context, name: str) -> str:
+    """The command as the user could type it again: the options that differ from their defaults."""
+    parts = ["ecpatch", name]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name not in ctx.params or value == param.default or not getattr(param, "opts", None):
+            continue
+        flag = param.opts[0]
+        if isinstance(value, bool):
+            parts.append(flag)
+        else:
+            parts += [flag, str(value)]
+    return " ".join(parts)
+
+
 def bench(
+    ctx: typer.Context,
     model: Annotated[Optional[str], typer.Option(
         "--model", help="Preset(s), comma-separated: qwen2-moe, qwen3-moe, qwen3-next, mixtral, olmoe, or all.")] = None,
     experts: Annotated[Optional[int], typer.Option(help="Custom router: number of experts (with --top-k).")] = None,
@@ -111,6 +126,8 @@ def bench(
     capacity_factor: Annotated[float, typer.Option(help="Expert-choice capacity factor.")] = 1.25,
     seeds: Annotated[int, typer.Option(help="Random draws averaged in the load study.")] = 2,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    threads: Annotated[Optional[int], typer.Option(
+        help="CPU threads for torch (1 gives steadier CPU times on a busy machine).")] = None,
     quick: Annotated[bool, typer.Option(help="Fewer timing repeats.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result (measured-table format) as JSON.")
                        ] = False,
@@ -155,6 +172,12 @@ def bench(
             raise ValueError(f"--seeds must be >= 1, got {seeds}")
     except ValueError as exc:
         raise _fail(str(exc), hint="ecpatch bench --help") from None
+    if threads is not None:
+        if threads < 1:
+            raise _fail(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
     token_list = _int_list(tokens, "--tokens") if tokens else list(DEFAULT_TOKENS if dev.type == "cuda"
                                                                     else CPU_TOKENS)
     part_list = _str_list(parts) or (["routing", "load", "layer", "expert-time"] if dev.type == "cuda"
@@ -171,7 +194,7 @@ def bench(
         total += shapes * len(token_list) * len(method_list) * (2 if dev.type == "cuda" else 1)
     if "load" in part_list:
         total += shapes * len(load_list) * len(skew_list)
-    command = "ecpatch bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "ecpatch bench"
+    command = _command_line(ctx, "bench")
     try:
         with _Progress(total or None) as progress:
             result = runner.run_bench(chosen, device=dev, parts=part_list, tokens=token_list, methods=method_list,

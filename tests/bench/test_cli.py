@@ -91,3 +91,34 @@ def test_bench_tiny_cpu_run_json_csv_plot_and_table(app, tmp_path):
     assert csv_path.read_text().startswith("section,experts,top_k,tokens,method")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert table_mod.load(saved)["routing"] == data["routing"]
+
+
+def test_registered_in_the_ecpatch_app():
+    from sgl_ecpatch.cli import app as ecpatch_app
+
+    for command in ("bench", "advise"):
+        result = CliRunner().invoke(ecpatch_app, [command, "--help"])
+        assert result.exit_code == 0, result.stderr
+        assert "--json" in result.stdout
+
+
+@needs_runtime
+def test_advise_measure_here_names_this_machine(app):
+    result = invoke(app, "advise", "--experts", "16", "--top-k", "2", "--tokens", "16", "--measure", "--json",
+                    "--sglang-root", "/s")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["table"]["device"].startswith("cpu") and data["table"]["placeholder"] is True
+    assert data["table"]["command"].startswith("ecpatch advise --measure")
+    assert data["used"]["routing_shape"] == [16, 2]  # measured for this very shape
+    assert data["verdict"] in ("enable", "enable-with-options", "keep-off")
+    assert "CPU times, not GPU times" in result.stderr
+
+
+@needs_runtime
+def test_bench_records_the_command_that_reproduces_it(app):
+    result = invoke(app, "bench", "--experts", "8", "--top-k", "2", "--tokens", "4", "--parts", "routing",
+                    "--methods", "topk", "--device", "cpu", "--quick", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["command"] == (
+        "ecpatch bench --experts 8 --top-k 2 --tokens 4 --methods topk --parts routing --device cpu --quick --json")
