@@ -82,6 +82,8 @@ def _run_cuda(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     from .kernel import expert_choice_topk_cuda
 
+    if not isinstance(capacity_factor, (int, float)):  # e.g. a Fraction or numpy.float32
+        capacity_factor = float(capacity_factor)
     num_valid = plan.num_valid_tensor if plan.num_valid is None else plan.num_valid
     return expert_choice_topk_cuda(
         router_logits,
@@ -95,16 +97,24 @@ def _run_cuda(
     )
 
 
-def _load_kernel(device: torch.device):
-    """(module or None, reason or None) from the kernel package; never raises."""
+def _load_kernel(device: torch.device, plan: RoutingPlan):
+    """(module or None, reason or None) for this call's device and shape; never raises."""
     try:
         from .kernel import try_load
     except Exception as exc:  # a broken vendored copy must not break routing
         return None, f"cannot import the kernel package: {exc}"
     try:
-        return try_load(device)
+        module, reason = try_load(device)
     except Exception as exc:
         return None, f"kernel loader failed: {exc}"
+    if module is None:
+        return None, reason
+    supports = getattr(module, "supports", None)
+    if supports is not None:
+        unsupported = supports(plan.num_experts, plan.top_k)
+        if unsupported:
+            return None, unsupported
+    return module, None
 
 
 def expert_choice_topk(
@@ -169,13 +179,13 @@ def expert_choice_topk(
             raise RuntimeError(
                 f"impl='cuda' needs router_logits on a CUDA device, got {router_logits.device}"
             )
-        module, reason = _load_kernel(router_logits.device)
+        module, reason = _load_kernel(router_logits.device, plan)
         if module is None:
             raise RuntimeError(f"impl='cuda' cannot run: {reason}")
         return _run_cuda(router_logits, plan, capacity_factor)
     # auto
     if router_logits.device.type == "cuda":
-        module, reason = _load_kernel(router_logits.device)
+        module, reason = _load_kernel(router_logits.device, plan)
         if module is not None:
             return _run_cuda(router_logits, plan, capacity_factor)
         _warn_fallback_once(reason or "unknown reason")

@@ -48,7 +48,7 @@ def test_auto_on_cpu_does_not_warn(caplog):
 def test_auto_falls_back_once_with_the_reason(monkeypatch, caplog):
     """A CUDA input with an unusable kernel: torch path, one warning naming the reason."""
     monkeypatch.setattr(runtime, "_fallback_warned", False)
-    monkeypatch.setattr(runtime, "_load_kernel", lambda device: (None, "no nvcc on this host"))
+    monkeypatch.setattr(runtime, "_load_kernel", lambda device, plan: (None, "no nvcc on this host"))
 
     class FakeDevice:
         type = "cuda"
@@ -106,3 +106,19 @@ def test_runtime_imports_torch_stdlib_and_relative_only(path):
 def test_runtime_parses_as_python39():
     for path in RUNTIME_DIR.glob("*.py"):
         ast.parse(path.read_text(), feature_version=(3, 9))
+
+
+def test_kernel_shape_limits_fall_back(monkeypatch):
+    """A loadable kernel that does not take this shape: auto uses torch, cuda says why."""
+    import sgl_ecpatch.runtime.kernel as kernel
+
+    class FakeKernel:
+        @staticmethod
+        def supports(num_experts, top_k):
+            return "too many experts for the kernel" if num_experts > 4 else None
+
+    monkeypatch.setattr(kernel, "try_load", lambda device=None: (FakeKernel, None))
+    plan = runtime.validate(torch.zeros(2, 8), 2)
+    assert runtime._load_kernel(torch.device("cpu"), plan) == (None, "too many experts for the kernel")
+    plan = runtime.validate(torch.zeros(2, 4), 2)
+    assert runtime._load_kernel(torch.device("cpu"), plan) == (FakeKernel, None)

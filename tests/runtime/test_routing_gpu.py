@@ -10,6 +10,8 @@ import torch
 
 from routing_oracles import DTYPES, assert_same_routing, make_logits
 from sgl_ecpatch.runtime import expert_choice_topk
+from sgl_ecpatch.runtime.config import validate
+from sgl_ecpatch.runtime.fast import run_torch
 from sgl_ecpatch.runtime.scoring import sequential_row_sum
 
 pytestmark = [
@@ -36,6 +38,9 @@ def test_cuda_fast_path_equals_reference(dtype, shape, mode, fill):
         actual = expert_choice_topk(logits, k, impl="torch", **kwargs)
         assert actual[0].device.type == "cuda" and actual[1].device.type == "cuda"
         assert_same_routing(expected, actual, context=f"{shape} {dtype} {mode} {fill} n={n}")
+        plan = validate(logits, k, **kwargs)
+        for layout in (dict(row_select="sort"), dict(column_layout="experts")):
+            assert_same_routing(expected, run_torch(logits, plan, **layout), context=f"{shape} {layout}")
 
 
 @pytest.mark.parametrize("shape", [(16, 60, 4), (1024, 128, 8)], ids=lambda s: "x".join(map(str, s)))
