@@ -37,6 +37,11 @@ def invoke(app, *args):
     (["bench", "--tokens", "1,x"], "comma-separated integers"),
     (["bench", "--json", "--csv", "-"], "pick one"),
     (["bench", "--skews", "zipf"], "needs a value"),
+    (["bench", "--threads", "0"], "--threads must be >= 1"),
+    (["advise", "--model", "mixtral", "--tokens", "5", "--layers", "3-1"], "3-1"),
+    (["advise", "--model", "mixtral", "--tokens", "0"], "--tokens must be >= 1"),
+    (["advise", "--model", "mixtral", "--tokens", "5", "--ep-ranks", "16"], "--ep-ranks must be in [1, 8]"),
+    (["advise", "--model", "mixtral", "--tokens", "5", "--scenario", "batch"], "--scenario must be one of"),
 ])
 def test_usage_errors_exit_2_with_one_line_on_stderr(app, args, message):
     result = invoke(app, *args)
