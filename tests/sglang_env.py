@@ -95,13 +95,22 @@ RUNTIME_DEPS = (
 
 BOOTSTRAP = textwrap.dedent(
     """
+    import sys as _sys
     import torch as _torch
 
-    # torchvision's CUDA _C cannot load with CPU torch; define the two operator schemas it
-    # registers fake kernels for, so that its pure-Python modules import (see sglang_env.py).
-    _ecpatch_tv = _torch.library.Library("torchvision", "DEF")
-    _ecpatch_tv.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _ecpatch_tv.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    try:
+        import torchvision as _torchvision  # noqa: F401
+    except RuntimeError as _exc:
+        # torchvision's CUDA _C could not load with this (CPU) torch: define the two operator
+        # schemas it registers fake kernels for, then import it again (see sglang_env.py).
+        if "torchvision::" not in str(_exc):
+            raise
+        for _name in [m for m in _sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del _sys.modules[_name]
+        _ecpatch_tv = _torch.library.Library("torchvision", "DEF")
+        _ecpatch_tv.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _ecpatch_tv.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        import torchvision as _torchvision  # noqa: F401
 
     from sglang.srt.runtime_context import publish as _publish
     from sglang.srt.server_args import ServerArgs as _ServerArgs
@@ -181,5 +190,31 @@ def run_python(code: str, *, sglang_parent: Path, env: dict | None = None, timeo
                           capture_output=True, text=True, env=full_env, timeout=timeout, cwd=str(sglang_parent))
 
 
+# Of RUNTIME_DEPS, these are already in the lent GPU machine's image (KINDS.md's package
+# list, read 2026-11-17; its torch is 2.11 with CUDA, and triton/torchvision match it).
+GPU_IMAGE_HAS = frozenset({
+    "aiohappyeyeballs", "aiohttp", "aiosignal", "anyio", "attrs", "certifi", "charset-normalizer", "einops",
+    "frozenlist", "h11", "httpcore", "httpx", "huggingface-hub", "idna", "multidict", "pillow", "propcache",
+    "psutil", "regex", "requests", "safetensors", "sentencepiece", "tokenizers", "torchvision", "tqdm",
+    "transformers", "triton", "urllib3", "yarl",
+})
+
+
+def download_gpu_wheels(destination: Path, version: str = SGLANG_VERSION) -> list:
+    """Fetch cp312 wheels of sglang and the RUNTIME_DEPS the GPU image lacks, for `.whl/`."""
+    wanted = [f"sglang=={version}"] + [d for d in RUNTIME_DEPS if d.split("==")[0] not in GPU_IMAGE_HAS]
+    platforms = ["manylinux_2_34_x86_64", "manylinux_2_28_x86_64", "manylinux_2_27_x86_64",
+                 "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64", "any"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
+           "--implementation", "cp", "--disable-pip-version-check", "-q", "-d", str(destination)]
+    for platform in platforms:
+        cmd += ["--platform", platform]
+    subprocess.run(cmd + wanted, check=True)
+    return wanted
+
+
 if __name__ == "__main__":
-    print(ensure_site())
+    if len(sys.argv) == 3 and sys.argv[1] == "--download-gpu-wheels":
+        print("\n".join(download_gpu_wheels(Path(sys.argv[2]))))
+    else:
+        print(ensure_site())
