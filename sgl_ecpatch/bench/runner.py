@@ -80,6 +80,9 @@ def run_bench(
         else:
             notes.append("MoE layer benchmark skipped: it needs a CUDA device")
     if "load" in parts:
+        if "expert-time" not in parts:
+            notes.append("slowest-rank times use the shipped per-expert model (an H100 roofline, not a "
+                         "measurement); add expert-time to --parts to measure it here")
         sizes = {(p.experts, p.top_k): (p.hidden, p.inter) for p in presets}
         result["load"] = load_study(shapes, load_tokens, skews, ranks=ranks, capacity_factor=capacity_factor,
                                     seeds=seeds, model=model, sizes=sizes, progress=progress)
