@@ -177,18 +177,41 @@ def run_torch(
     else:
         occupied = row_valid  # None: every row valid (host n < T handled below)
 
-    weights = torch.nan_to_num(torch.gather(scores, 1, top_ids), nan=0.0)
     if occupied is not None:
-        weights = torch.where(occupied, weights, 0.0)
         ids = torch.where(occupied, top_ids, -1).to(torch.int32)
     else:
         ids = top_ids.to(torch.int32)
+    if router_logits.is_cuda and plan.renormalize and k > 2:
+        weights = _cuda_renormalized_weights(scores, top_ids, occupied)
+    else:
+        weights = torch.nan_to_num(torch.gather(scores, 1, top_ids), nan=0.0)
+        if occupied is not None:
+            weights = torch.where(occupied, weights, 0.0)
+        if plan.renormalize:
+            weights = renormalize_rows(weights)
     if n_host is not None and n_host < T:
         weights[n_host:] = 0.0
         ids[n_host:] = -1
-    if plan.renormalize:
-        weights = renormalize_rows(weights)
     return weights, ids
+
+
+def _cuda_renormalized_weights(
+    scores: torch.Tensor, top_ids: torch.Tensor, occupied: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Renormalised slot weights [T, k], computed slot-major ([k, T]) on CUDA.
+
+    Same arithmetic as `renormalize_rows` (the sequential sum is `sequential_row_sum`'s
+    cumsum down the slots), one kernel shorter: the gather writes the [k, T] layout the
+    cumsum needs, and the division writes straight into a [T, k] result.
+    """
+    num_tokens, num_slots = top_ids.shape
+    weights_t = torch.nan_to_num(torch.gather(scores.t(), 0, top_ids.t()), nan=0.0)  # [k, T]
+    if occupied is not None:
+        weights_t = torch.where(occupied.t(), weights_t, 0.0)
+    total = torch.cumsum(weights_t, dim=0)[num_slots - 1]
+    out = torch.empty((num_tokens, num_slots), dtype=torch.float32, device=scores.device)
+    torch.div(weights_t, total, out=out.t())
+    return out.nan_to_num_(nan=0.0)
 
 
 def expert_choice_topk_torch(

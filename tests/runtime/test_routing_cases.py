@@ -179,3 +179,31 @@ def test_non_contiguous_logits(fill):
                 expert_choice_topk(view.contiguous(), 3, fill=fill, impl="reference"),
                 expert_choice_topk(view, 3, fill=fill, impl=impl),
             )
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "slots", "rows"])
+def test_slot_major_weights_layout(mask_kind):
+    """The CUDA weight path (slot-major gather, cumsum, division into [T, k]) on the CPU.
+
+    Scores are multiples of 1/64 with small sums, so every order of addition is exact
+    here and only the layout, masking and NaN handling are under test; the
+    summation order itself is pinned on the GPU (test_routing_gpu.py).
+    """
+    from sgl_ecpatch.runtime.fast import _cuda_renormalized_weights
+
+    gen = torch.Generator().manual_seed(11)
+    scores = torch.randint(0, 64, (9, 6), generator=gen).float() / 64
+    scores[2] = math.nan
+    top_ids = torch.stack([torch.randperm(6, generator=gen)[:4] for _ in range(9)])
+    occupied = {
+        "none": None,
+        "slots": torch.rand(9, 4, generator=gen) < 0.7,
+        "rows": torch.arange(9).unsqueeze(1) < 6,
+    }[mask_kind]
+    expected = torch.nan_to_num(torch.gather(scores, 1, top_ids), nan=0.0)
+    if occupied is not None:
+        expected = torch.where(occupied, expected, 0.0)
+    expected = renormalize_rows(expected)
+    actual = _cuda_renormalized_weights(scores, top_ids, occupied)
+    assert actual.shape == (9, 4) and actual.is_contiguous()
+    assert torch.equal(actual.view(torch.int32), expected.view(torch.int32))
