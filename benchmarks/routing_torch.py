@@ -148,7 +148,7 @@ def main(argv=None) -> int:
         replays = 3
     with_kernel = on_gpu and not args.no_kernel and _kernel_available(device)
 
-    print(f"# expert-choice routing: fast PyTorch path vs seed-style dense baseline\n")
+    print("# expert-choice routing: fast PyTorch path vs seed-style dense baseline\n")
     print(f"device: {card}; torch {torch.__version__}; bf16 logits; cf={CAPACITY_FACTOR}; fill=drop; renormalize")
     print("times: median us per routing call" + (" (CUDA graph replays, rotating inputs)" if on_gpu else " (CPU)"))
     print()
