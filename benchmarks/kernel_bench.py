@@ -256,6 +256,15 @@ def main() -> int:
     methods["torch"] = lambda x, k: expert_choice_topk(x, k, impl="torch")
     methods["kernel"] = lambda x, k: kernel.expert_choice_topk_cuda(x, k)
 
+    def kernel_no_pdl(x, k):
+        os.environ["SGL_ECPATCH_KERNEL_PDL"] = "0"
+        try:
+            return kernel.expert_choice_topk_cuda(x, k)
+        finally:
+            os.environ.pop("SGL_ECPATCH_KERNEL_PDL", None)
+
+    methods["kernel_no_pdl"] = kernel_no_pdl
+
     if args.profile:
         profile_kernels(kernel)
 
@@ -293,8 +302,9 @@ def main() -> int:
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s; cold build {result.get('cold_build_s')} s; "
           f"cached load {result.get('cached_load_s')} s")
     print()
-    print("| E | k | T | SGLang router | seed dense | fast torch | kernel | kernel / SGLang | seed / kernel | byte floor |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| E | k | T | SGLang router | seed dense | fast torch | kernel | kernel (no PDL) | kernel / SGLang "
+          "| seed / kernel | byte floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
 
     def f(v):
         return "n/a" if v is None else f"{v:.1f}"
@@ -303,7 +313,7 @@ def main() -> int:
         ratio = r["kernel"] / r["sglang"] if r.get("sglang") and r.get("kernel") else None
         speedup = r["seed"] / r["kernel"] if r.get("seed") and r.get("kernel") else None
         print(f"| {r['E']} | {r['k']} | {r['T']} | {f(r.get('sglang'))} | {f(r.get('seed'))} | "
-              f"{f(r.get('torch'))} | {f(r.get('kernel'))} | "
+              f"{f(r.get('torch'))} | {f(r.get('kernel'))} | {f(r.get('kernel_no_pdl'))} | "
               f"{'n/a' if ratio is None else f'{ratio:.2f}x'} | {'n/a' if speedup is None else f'{speedup:.1f}x'} | "
               f"{r['floor_us']:.2f} |")
     return 0

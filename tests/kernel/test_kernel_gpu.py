@@ -170,7 +170,7 @@ SHAPES = [(8, 2), (60, 4), (64, 8), (128, 8), (256, 8), (512, 10), (512, 16), (1
 
 @pytest.mark.parametrize("fill", ["drop", "topk"])
 @pytest.mark.parametrize("E,k", SHAPES)
-@pytest.mark.parametrize("T", [1, 5, 64, 65, 300, 4096])
+@pytest.mark.parametrize("T", [1, 5, 32, 33, 64, 65, 300, 4096])  # fused / small / large paths
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_reference(kernel, dtype, T, E, k, fill):
     logits = random_logits(T, E, dtype)
@@ -262,8 +262,9 @@ def test_large_token_counts(kernel, E, k):
     check(kernel, logits, k, f"T=65536 E={E} sigmoid topk", scoring_func="sigmoid", fill="topk")
 
 
-def test_repeated_runs_bitwise_identical(kernel):
-    logits = random_logits(4096, 512, torch.bfloat16)
+@pytest.mark.parametrize("T", [16, 48, 4096])
+def test_repeated_runs_bitwise_identical(kernel, T):
+    logits = random_logits(T, 512, torch.bfloat16)
     first_w, first_ids = run_kernel(kernel, logits, 10)
     for _ in range(100):
         w, ids = run_kernel(kernel, logits, 10)
@@ -271,7 +272,13 @@ def test_repeated_runs_bitwise_identical(kernel):
         assert torch.equal(w.view(torch.int32), first_w.view(torch.int32))
 
 
-@pytest.mark.parametrize("T", [16, 1024])
+def test_without_programmatic_dependent_launch(kernel, monkeypatch):
+    monkeypatch.setenv("SGL_ECPATCH_KERNEL_PDL", "0")
+    logits = random_logits(2048, 256, torch.bfloat16)
+    check(kernel, logits, 8, "no PDL")
+
+
+@pytest.mark.parametrize("T", [16, 48, 1024])
 def test_cuda_graph_capture_and_replay(kernel, T):
     E, k = 128, 8
     logits = torch.empty(T, E, dtype=torch.bfloat16, device="cuda")

@@ -20,6 +20,7 @@ as it is; see `_build.py` for the cache, the lock and the build itself.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
 from fractions import Fraction
@@ -253,6 +254,7 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
         int(scoring_func == "sigmoid"), int(fill == "topk"), int(bool(renormalize)),
         workspace.data_ptr(), weights.data_ptr(), ids.data_ptr(),
         device.index if device.index is not None else torch.cuda.current_device(), stream,
+        int(os.environ.get("SGL_ECPATCH_KERNEL_PDL", "1") != "0"),
     )
     if rc != 0:
         raise RuntimeError(f"expert-choice kernel launch failed: {lib.ec_error_string(rc).decode()}")

@@ -179,24 +179,39 @@ __device__ __forceinline__ bool trivial_threshold(const Params& p, int e, int n,
   return false;
 }
 
+// Programmatic dependent launch (sm_90+): a kernel launched with the PDL attribute
+// may start while its predecessor runs; it waits here before reading what the
+// predecessor wrote. The predecessor lets it start once all its blocks are running.
+__device__ __forceinline__ void wait_for_predecessor() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
 // ---------------------------------------------------------------------------
 // Kernel 1 (large T): per row, the softmax statistics and every key; the keys go
-// out transposed ([E, T]) through a shared-memory tile of 32 rows so that the
-// select kernel reads each expert's column contiguously. 8 warps, 4 rows each.
+// out transposed ([E, T]) through a shared-memory tile of 8 rows (one per warp), so
+// that the select kernel reads each expert's column contiguously; each store is a
+// full 32-byte sector.
 
-constexpr int kKeysRows = 32;
-constexpr int kKeysWarps = 8;
+constexpr int kKeysRows = 8;
 
 template <int DT, int VPL>
-__global__ void __launch_bounds__(kKeysWarps * 32) keys_kernel(Params p) {
+__global__ void __launch_bounds__(kKeysRows * 32) keys_kernel(Params p) {
   extern __shared__ uint32_t tile[];  // [E][kKeysRows + 1]
+  allow_dependents();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int t0 = blockIdx.x * kKeysRows;
   const int n = read_n(p);
   const int E = p.E;
-  for (int r = warp; r < kKeysRows; r += kKeysWarps) {
-    const int t = t0 + r;
-    if (t >= n) break;  // uniform per warp
+  const int t = t0 + warp;
+  if (t < n) {
     float x[VPL];
     load_row<DT, VPL>(p.logits, t, E, lane, x);
     float m = 0.0f, s = 1.0f;
@@ -204,19 +219,22 @@ __global__ void __launch_bounds__(kKeysWarps * 32) keys_kernel(Params p) {
       row_stats<VPL>(x, E, lane, m, s);
       if (lane == 0 && p.stats) p.stats[t] = make_float2(m, s);
     }
-    if (p.keys_t == nullptr) continue;  // statistics only (uniform)
+    if (p.keys_t != nullptr) {
 #pragma unroll
-    for (int i = 0; i < VPL; ++i) {
-      const int e = lane + 32 * i;
-      if (e < E) tile[e * (kKeysRows + 1) + r] = okey(score_of(p, x[i], m, s) + bias_at(p, e));
+      for (int i = 0; i < VPL; ++i) {
+        const int e = lane + 32 * i;
+        if (e < E) tile[e * (kKeysRows + 1) + warp] = okey(score_of(p, x[i], m, s) + bias_at(p, e));
+      }
     }
   }
   if (p.keys_t == nullptr) return;  // uniform per block: no barrier below is reached
   __syncthreads();
   const int rows = min(kKeysRows, n - t0);
   if (rows <= 0) return;
-  for (int e = warp; e < E; e += kKeysWarps) {
-    if (lane < rows) p.keys_t[static_cast<long long>(e) * p.T + t0 + lane] = tile[e * (kKeysRows + 1) + lane];
+  // lane -> (expert e0 + lane / 8, row lane % 8): a warp stores 4 experts' sectors
+  const int r = lane & 7;
+  for (int e = warp * 4 + (lane >> 3); e < E; e += kKeysRows * 4) {
+    if (r < rows) p.keys_t[static_cast<long long>(e) * p.T + t0 + r] = tile[e * (kKeysRows + 1) + r];
   }
 }
 
@@ -227,6 +245,7 @@ __global__ void __launch_bounds__(kKeysWarps * 32) keys_kernel(Params p) {
 template <int DT, int VPL>
 __global__ void select_small_kernel(Params p) {
   __shared__ float2 sstats[kSmallT];
+  allow_dependents();
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int nwarps = blockDim.x >> 5;
@@ -327,6 +346,8 @@ __global__ void __launch_bounds__(kSelectThreads) select_radix_kernel(Params p, 
   __shared__ int swarp[32];
   __shared__ unsigned s_bin, s_rem, s_min, s_max;
   __shared__ int s_tok, s_all_equal_taken;
+  allow_dependents();
+  wait_for_predecessor();  // before any exit: our completion must imply keys_kernel's
   const int e = blockIdx.x;
   const int tid = threadIdx.x, lane = tid & 31;
   const int bd = blockDim.x;
@@ -462,37 +483,20 @@ __global__ void __launch_bounds__(kSelectThreads) select_radix_kernel(Params p, 
 
 constexpr int kTokenWarps = 4;
 
-template <int DT, int VPL>
-__global__ void __launch_bounds__(kTokenWarps * 32) token_route_kernel(Params p) {
-  __shared__ unsigned long long cand_rank[kTokenWarps][32];
-  __shared__ float cand_w[kTokenWarps][32];
-  __shared__ float slot_w[kTokenWarps][32];
-  __shared__ int slot_id[kTokenWarps][32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int t = blockIdx.x * kTokenWarps + warp;
-  if (t >= p.T) return;
-  const int n = read_n(p);
+struct WarpScratch {
+  unsigned long long cand_rank[32];
+  float cand_w[32];
+  float slot_w[32];
+  int slot_id[32];
+};
+
+// Writes row t's k slots. `x` holds the row's logits (load_row), (m, s) its softmax
+// statistics; is_chosen(e, key) says whether expert e chose token t.
+template <int VPL, typename ChosenFn>
+__device__ __forceinline__ void route_token(const Params& p, int t, int lane, const float (&x)[VPL], float m,
+                                            float s, WarpScratch& ws, ChosenFn is_chosen) {
   const int k = p.k;
   const long long out_base = static_cast<long long>(t) * k;
-  if (t >= n) {  // padding row
-    if (lane < k) {
-      p.out_id[out_base + lane] = -1;
-      p.out_w[out_base + lane] = 0.0f;
-    }
-    return;
-  }
-  float x[VPL];
-  load_row<DT, VPL>(p.logits, t, p.E, lane, x);
-  float m = 0.0f, s = 1.0f;
-  if (!p.sigmoid) {
-    if (p.stats != nullptr) {
-      const float2 st = p.stats[t];
-      m = st.x;
-      s = st.y;
-    } else {
-      row_stats<VPL>(x, p.E, lane, m, s);
-    }
-  }
   unsigned long long rank[VPL];
   float score[VPL];
 #pragma unroll
@@ -503,9 +507,7 @@ __global__ void __launch_bounds__(kTokenWarps * 32) token_route_kernel(Params p)
     if (e < p.E) {
       const float sc = score_of(p, x[i], m, s);
       const uint32_t key = okey(sc + bias_at(p, e));
-      const uint32_t tk = __ldg(p.thr_key + e);
-      const int tt = __ldg(p.thr_tok + e);
-      const bool chosen = key > tk || (key == tk && t <= tt);
+      const bool chosen = is_chosen(e, key);
       rank[i] = (static_cast<unsigned long long>(chosen) << 43) |
                 (static_cast<unsigned long long>(key) << 11) |
                 static_cast<unsigned long long>(kMaxExperts - e);
@@ -521,8 +523,8 @@ __global__ void __launch_bounds__(kTokenWarps * 32) token_route_kernel(Params p)
     const unsigned bal = __ballot_sync(kFull, ch);
     const int pos = num_chosen + __popc(bal & lt_mask);
     if (ch && pos < 32) {
-      cand_rank[warp][pos] = rank[i];
-      cand_w[warp][pos] = score[i];
+      ws.cand_rank[pos] = rank[i];
+      ws.cand_w[pos] = score[i];
     }
     num_chosen += __popc(bal);
   }
@@ -533,22 +535,23 @@ __global__ void __launch_bounds__(kTokenWarps * 32) token_route_kernel(Params p)
     __syncwarp();
     const int used = num_chosen < k ? num_chosen : k;
     if (lane < num_chosen) {
-      const unsigned long long v = cand_rank[warp][lane];
+      const unsigned long long v = ws.cand_rank[lane];
       int r = 0;
-      for (int j = 0; j < num_chosen; ++j) r += cand_rank[warp][j] > v;
+      for (int j = 0; j < num_chosen; ++j) r += ws.cand_rank[j] > v;
       if (r < k) {
-        float w = cand_w[warp][lane];
+        float w = ws.cand_w[lane];
         if (w != w) w = 0.0f;  // a NaN score weighs 0
-        slot_w[warp][r] = w;
-        slot_id[warp][r] = kMaxExperts - static_cast<int>(v & 2047ull);
+        ws.slot_w[r] = w;
+        ws.slot_id[r] = kMaxExperts - static_cast<int>(v & 2047ull);
       }
     }
     __syncwarp();
-    for (int j = 0; j < used; ++j) sum += slot_w[warp][j];  // slot order, float32
+    for (int j = 0; j < used; ++j) sum += ws.slot_w[j];  // slot order, float32
     if (lane < used) {
-      my_w = slot_w[warp][lane];
-      my_id = slot_id[warp][lane];
+      my_w = ws.slot_w[lane];
+      my_id = ws.slot_id[lane];
     }
+    __syncwarp();  // the scratch may be reused for the warp's next token
   } else {
     for (int j = 0; j < k; ++j) {
       unsigned long long best = 0ull;
@@ -589,11 +592,119 @@ __global__ void __launch_bounds__(kTokenWarps * 32) token_route_kernel(Params p)
   }
 }
 
+__device__ __forceinline__ void write_padding_row(const Params& p, int t, int lane) {
+  const long long out_base = static_cast<long long>(t) * p.k;
+  if (lane < p.k) {
+    p.out_id[out_base + lane] = -1;
+    p.out_w[out_base + lane] = 0.0f;
+  }
+}
+
+template <int DT, int VPL>
+__global__ void __launch_bounds__(kTokenWarps * 32) token_route_kernel(Params p) {
+  __shared__ WarpScratch scratch[kTokenWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int t = blockIdx.x * kTokenWarps + warp;
+  if (t >= p.T) return;  // never a whole block: the others wait below
+  const int n = read_n(p);
+  // the logits are the caller's: load them before waiting for the select kernel
+  float x[VPL];
+  float m = 0.0f, s = 1.0f;
+  if (t < n) {
+    load_row<DT, VPL>(p.logits, t, p.E, lane, x);
+    if (!p.sigmoid && p.stats == nullptr) row_stats<VPL>(x, p.E, lane, m, s);
+  }
+  wait_for_predecessor();  // before any exit: our completion must imply the select's
+  if (t >= n) {  // padding row
+    write_padding_row(p, t, lane);
+    return;
+  }
+  if (!p.sigmoid && p.stats != nullptr) {
+    const float2 st = p.stats[t];
+    m = st.x;
+    s = st.y;
+  }
+  route_token<VPL>(p, t, lane, x, m, s, scratch[warp], [&](int e, uint32_t key) {
+    const uint32_t tk = p.thr_key[e];
+    const int tt = p.thr_tok[e];
+    return key > tk || (key == tk && t <= tt);
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Kernel 0 (T <= 32, E <= 512 and T * E <= 16384, decode sizes): one block, one launch.
+// Warp per row: keys into shared memory; thread per expert: its C best tokens as a
+// bit mask (C rounds of a max over at most 32 keys); warp per row again: the slots.
+
+constexpr int kFusedThreads = 512;
+constexpr int kFusedMaxT = 32;
+constexpr int kFusedMaxElems = 16384;  // 64 KiB of keys
+
+template <int DT, int VPL>
+__global__ void __launch_bounds__(kFusedThreads) fused_small_kernel(Params p) {
+  extern __shared__ uint32_t skeys[];  // [n][E]
+  __shared__ uint32_t chosen_mask[kMaxExperts];
+  __shared__ WarpScratch scratch[kFusedThreads / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = kFusedThreads / 32;
+  const int E = p.E;
+  const int n = read_n(p);
+  const int C = capacity(p, n);
+  const bool select = C > 0 && C < n;
+  if (select) {
+    for (int t = warp; t < n; t += nwarps) {
+      float x[VPL], m = 0.0f, s = 1.0f;
+      load_row<DT, VPL>(p.logits, t, E, lane, x);
+      if (!p.sigmoid) row_stats<VPL>(x, E, lane, m, s);
+#pragma unroll
+      for (int i = 0; i < VPL; ++i) {
+        const int e = lane + 32 * i;
+        if (e < E) skeys[t * E + e] = okey(score_of(p, x[i], m, s) + bias_at(p, e));
+      }
+    }
+  }
+  __syncthreads();
+  const uint32_t all = n == 32 ? 0xffffffffu : ((1u << n) - 1u);
+  for (int e = threadIdx.x; e < E; e += kFusedThreads) {
+    uint32_t mask = C == 0 ? 0u : all;
+    if (select) {
+      mask = 0u;
+      for (int r = 0; r < C; ++r) {  // the best token not yet taken; ties: lower t
+        int best_t = -1;
+        uint32_t best_key = 0u;
+        for (int t = 0; t < n; ++t) {
+          if ((mask >> t) & 1u) continue;
+          const uint32_t u = skeys[t * E + e];
+          if (best_t < 0 || u > best_key) {
+            best_t = t;
+            best_key = u;
+          }
+        }
+        mask |= 1u << best_t;
+      }
+    }
+    chosen_mask[e] = mask;
+  }
+  __syncthreads();
+  for (int t = warp; t < p.T; t += nwarps) {
+    if (t >= n) {
+      write_padding_row(p, t, lane);
+      continue;
+    }
+    float x[VPL], m = 0.0f, s = 1.0f;
+    load_row<DT, VPL>(p.logits, t, E, lane, x);
+    if (!p.sigmoid) row_stats<VPL>(x, E, lane, m, s);
+    route_token<VPL>(p, t, lane, x, m, s, scratch[warp],
+                     [&](int e, uint32_t) { return ((chosen_mask[e] >> t) & 1u) != 0u; });
+  }
+}
+
 // ---------------------------------------------------------------------------
 // host side
 
 constexpr int kSmemKeysMax = 16384;                  // 64 KiB of keys per select block
 constexpr long long kTransposeMaxElems = 1LL << 24;  // keys_t workspace up to 64 MiB
+
+inline bool use_fused(int T, int E) { return T <= kFusedMaxT && T * E <= kFusedMaxElems; }
 
 inline bool use_transpose(int T, int E) {
   return T > kSmallT && static_cast<long long>(T) * E <= kTransposeMaxElems;
@@ -604,52 +715,75 @@ inline int vpl_of(int E) {
   return v <= 2 ? 2 : v <= 4 ? 4 : v <= 8 ? 8 : v <= 16 ? 16 : 32;
 }
 
+// Launch with programmatic stream serialization (PDL) where `pdl`: the kernel may
+// start before its predecessor ends and waits in wait_for_predecessor().
+template <typename... KArgs, typename... Args>
+cudaError_t launch(void (*kernel)(KArgs...), int grid, int block, size_t smem, cudaStream_t stream, bool pdl,
+                   Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(block);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
+template <typename... KArgs>
+cudaError_t allow_smem(void (*kernel)(KArgs...), size_t smem) {
+  if (smem <= 40 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+}
+
 template <int DT, int VPL>
-cudaError_t launch_vpl(Params p, cudaStream_t stream) {
+cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
   cudaError_t err;
   const int token_grid = (p.T + kTokenWarps - 1) / kTokenWarps;
+  if constexpr (VPL <= 16) {  // E <= 512: the row's registers fit 512 threads
+    if (use_fused(p.T, p.E)) {
+      const size_t smem = static_cast<size_t>(p.T) * p.E * sizeof(uint32_t);
+      if ((err = allow_smem(fused_small_kernel<DT, VPL>, smem)) != cudaSuccess) return err;
+      return launch(fused_small_kernel<DT, VPL>, 1, kFusedThreads, smem, stream, false, p);
+    }
+  }
   if (p.T <= kSmallT) {
     const int warps = 16;
     p.stats = nullptr;
     p.keys_t = nullptr;
-    select_small_kernel<DT, VPL><<<(p.E + warps - 1) / warps, warps * 32, 0, stream>>>(p);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    token_route_kernel<DT, VPL><<<token_grid, kTokenWarps * 32, 0, stream>>>(p);
-    return cudaGetLastError();
+    err = launch(select_small_kernel<DT, VPL>, (p.E + warps - 1) / warps, warps * 32, 0, stream, false, p);
+    if (err != cudaSuccess) return err;
+    return launch(token_route_kernel<DT, VPL>, token_grid, kTokenWarps * 32, 0, stream, pdl, p);
   }
   if (p.sigmoid) p.stats = nullptr;
   if (!use_transpose(p.T, p.E)) p.keys_t = nullptr;  // the select kernel gathers its column
-  if (p.keys_t != nullptr || !p.sigmoid) {  // keys and/or statistics
+  if (p.keys_t != nullptr || !p.sigmoid) {           // keys and/or statistics
     const size_t tile = p.keys_t ? static_cast<size_t>(p.E) * (kKeysRows + 1) * sizeof(uint32_t) : 0;
-    if (tile > 48 * 1024) {
-      err = cudaFuncSetAttribute(keys_kernel<DT, VPL>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(tile));
-      if (err != cudaSuccess) return err;
-    }
-    keys_kernel<DT, VPL><<<(p.T + kKeysRows - 1) / kKeysRows, kKeysWarps * 32, tile, stream>>>(p);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    if ((err = allow_smem(keys_kernel<DT, VPL>, tile)) != cudaSuccess) return err;
+    err = launch(keys_kernel<DT, VPL>, (p.T + kKeysRows - 1) / kKeysRows, kKeysRows * 32, tile, stream, false, p);
+    if (err != cudaSuccess) return err;
   }
   const int smem_keys = p.T < kSmemKeysMax ? p.T : kSmemKeysMax;
   const size_t smem = static_cast<size_t>(smem_keys) * sizeof(uint32_t);
-  if (smem > 16 * 1024) {  // with the 16 KiB static histogram, near the 48 KiB default
-    err = cudaFuncSetAttribute(select_radix_kernel<DT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
-  select_radix_kernel<DT><<<p.E, kSelectThreads, smem, stream>>>(p, smem_keys);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  token_route_kernel<DT, VPL><<<token_grid, kTokenWarps * 32, 0, stream>>>(p);
-  return cudaGetLastError();
+  if ((err = cudaFuncSetAttribute(select_radix_kernel<DT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(smem))) != cudaSuccess)
+    return err;
+  err = launch(select_radix_kernel<DT>, p.E, kSelectThreads, smem, stream, pdl, p, smem_keys);
+  if (err != cudaSuccess) return err;
+  return launch(token_route_kernel<DT, VPL>, token_grid, kTokenWarps * 32, 0, stream, pdl, p);
 }
 
 template <int DT>
-cudaError_t launch_all(const Params& p, cudaStream_t stream) {
+cudaError_t launch_all(const Params& p, cudaStream_t stream, bool pdl) {
   switch (vpl_of(p.E)) {
-    case 2: return launch_vpl<DT, 2>(p, stream);
-    case 4: return launch_vpl<DT, 4>(p, stream);
-    case 8: return launch_vpl<DT, 8>(p, stream);
-    case 16: return launch_vpl<DT, 16>(p, stream);
-    default: return launch_vpl<DT, 32>(p, stream);
+    case 2: return launch_vpl<DT, 2>(p, stream, pdl);
+    case 4: return launch_vpl<DT, 4>(p, stream, pdl);
+    case 8: return launch_vpl<DT, 8>(p, stream, pdl);
+    case 16: return launch_vpl<DT, 16>(p, stream, pdl);
+    default: return launch_vpl<DT, 32>(p, stream, pdl);
   }
 }
 
@@ -658,7 +792,7 @@ cudaError_t launch_all(const Params& p, cudaStream_t stream) {
 extern "C" {
 
 // Version of this C interface; the Python side checks it after loading.
-int ec_abi_version() { return 2; }
+int ec_abi_version() { return 3; }
 
 // Bytes of device workspace for T tokens and E experts: row statistics [T], the
 // thresholds [E] twice, and for T > 64 (up to 2^24 elements) the transposed keys.
@@ -678,12 +812,13 @@ const char* ec_error_string(int code) {
 // Routes `T` rows of `logits` ([T, E], contiguous; dtype 0 = float32, 1 = bfloat16,
 // 2 = float16). `n_ptr` (device int32/int64 scalar, may be null: then n_host) is the
 // number of valid rows. `workspace` holds ec_workspace_bytes(T, E) bytes. Writes
-// out_w [T, k] float32 and out_id [T, k] int32. Returns 0 or an error code (see
-// ec_error_string).
+// out_w [T, k] float32 and out_id [T, k] int32. `pdl_enabled` lets the second and third
+// kernels start early (programmatic dependent launch, sm_90+). Returns 0 or an error
+// code (see ec_error_string).
 int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bias, int bias_dtype,
              const void* n_ptr, int n_is_64, long long n_host, long long cf_num, long long cf_den,
              int sigmoid, int fill_topk, int renorm, void* workspace, float* out_w, int* out_id,
-             int device, void* stream) {
+             int device, void* stream, int pdl_enabled) {
   if (E < 1 || E > ec::kMaxExperts || k < 1 || k > E || k > ec::kMaxTopK) return -1;
   if (T <= 0) return 0;
   int prev = -1;
@@ -715,10 +850,13 @@ int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bia
   p.out_w = out_w;
   p.out_id = out_id;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  int major = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  const bool pdl = major >= 9 && pdl_enabled;
   cudaError_t err;
-  if (dtype == ec::kDtF32) err = ec::launch_all<ec::kDtF32>(p, s);
-  else if (dtype == ec::kDtBf16) err = ec::launch_all<ec::kDtBf16>(p, s);
-  else if (dtype == ec::kDtF16) err = ec::launch_all<ec::kDtF16>(p, s);
+  if (dtype == ec::kDtF32) err = ec::launch_all<ec::kDtF32>(p, s, pdl);
+  else if (dtype == ec::kDtBf16) err = ec::launch_all<ec::kDtBf16>(p, s, pdl);
+  else if (dtype == ec::kDtF16) err = ec::launch_all<ec::kDtF16>(p, s, pdl);
   else err = static_cast<cudaError_t>(-2);
   if (prev != device) cudaSetDevice(prev);
   return static_cast<int>(err);
