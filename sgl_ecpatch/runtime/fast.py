@@ -80,6 +80,7 @@ ROW_SELECT = "topk"
 COLUMN_LAYOUT = "tokens"
 
 
+@torch.no_grad()
 def run_torch(
     router_logits: torch.Tensor,
     plan: RoutingPlan,
@@ -98,6 +99,8 @@ def run_torch(
     * ``column_layout`` ("tokens" or "experts", default `COLUMN_LAYOUT`): the experts'
       selection runs down the columns of the [T, E] key, or along the rows of an
       [E, T] copy (contiguous reads, one extra transpose back for the row stage).
+
+    Runs under ``no_grad``: like the reference, the weights carry no autograd history.
     """
     T, E, k = plan.num_tokens, plan.num_experts, plan.top_k
     device = router_logits.device
