@@ -52,7 +52,7 @@ def routing_inputs(draw):
         n = draw(st.integers(-2, num_tokens + 2))
         num_token_non_padded = n if n_kind == "int" else torch.tensor(n, dtype=draw(
             st.sampled_from([torch.int32, torch.int64])))
-    bias_kind = draw(st.sampled_from(["none", "none", "random", "quantised"]))
+    bias_kind = draw(st.sampled_from(["none", "none", "random", "quantised", "special"]))
     if bias_kind == "none":
         bias = None
     else:
@@ -60,6 +60,10 @@ def routing_inputs(draw):
         bias = torch.randn(num_experts, generator=gen) * 0.1
         if bias_kind == "quantised":
             bias = torch.randint(-1, 2, (num_experts,), generator=gen).float() * 0.25
+        elif bias_kind == "special":
+            # NaN, -inf, +inf and -0.0 entries: keys that are NaN or infinite.
+            specials = torch.tensor([math.nan, -math.inf, math.inf, -0.0, 0.0])
+            bias = specials[torch.randint(0, 5, (num_experts,), generator=gen)]
     kwargs = dict(
         capacity_factor=capacity_factor,
         renormalize=draw(st.booleans()),
