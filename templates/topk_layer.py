@@ -51,7 +51,12 @@ Switch on: ``forward_native`` / ``forward_cuda`` (and ``forward_cpu``) route wit
   ``custom_routing_function``, fused shared-expert slots, scoring functions other than
   softmax/sigmoid, and an output format other than the standard one (``output_format=``,
   or on 0.5.23 the one ``bind_runner_backend`` picks for the MoE runner; on 0.5.1-0.5.22
-  the global runner backend ``triton_kernel``).
+  the global runner backend ``triton_kernel``), and the NPU/XPU forwards (SGLang's own
+  kernels route there; expert choice would silently not apply).
+
+Known limit: an out-of-tree platform plugin (SGLang 0.5.18+) that registers a forward for
+SGLang's TopK class by type does not see this subclass; such a platform falls back to
+``forward_<platform>`` / ``forward_native`` here.
 """
 
 from __future__ import annotations
@@ -192,6 +197,9 @@ class TopK(_SGLangTopK):
         if config is not None and getattr(config, "num_shared_topk_slots", 0):
             self._refuse("fused shared-expert slots (this server fuses shared experts into TopK)",
                          "Start the server without shared-expert fusion.")
+        for flag, platform in (("_is_npu", "Ascend NPU"), ("_is_xpu", "Intel XPU")):
+            if getattr(_sglang_topk, flag, False):
+                self._refuse(f"the {platform} routing path (expert choice runs in the CUDA, ROCm, native and CPU forwards)")
         if getattr(self, "enable_waterfill", False):
             self._refuse("Waterfill shared-expert balancing")
         output_format = kwargs.get("output_format")

@@ -21,6 +21,8 @@ sys.path.insert(0, str(TESTS))
 
 import sglang_env  # noqa: E402
 
+pytestmark = pytest.mark.network  # installs SGLang 0.5.23 from the package index once (cached)
+
 MODEL_FILES = {
     # module: (experts, top_k, norm_topk_prob) of the public model cards; ernie has two calls
     "sglang.srt.models.qwen2_moe": (60, 4, False),

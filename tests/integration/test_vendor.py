@@ -162,6 +162,7 @@ def test_package_imports_without_sglang_and_exports_topk_lazily(tree):
     assert "lazy:" in proc.stdout  # the stand-in topk.py has no TopK class to subclass
 
 
+@pytest.mark.network
 def test_enable_import_disable_remove_on_real_sglang_is_byte_identical(tmp_path):
     """enable -> import in SGLang (bytecode written) -> disable --remove: every file as before.
 
