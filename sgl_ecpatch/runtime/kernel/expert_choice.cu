@@ -18,11 +18,15 @@
 //   * per expert, the threshold is the C-th largest (okey, -token) pair of its
 //     column: the kernels write thr_key[e] and thr_tok[e], and token t is chosen by
 //     e iff okey > thr_key[e] || (okey == thr_key[e] && t <= thr_tok[e]);
-//   * per token, one warp ranks (chosen, okey, -e) as a 44-bit integer and takes
-//     the k best in k rounds of a warp-wide max.
+//   * per token, one warp ranks (chosen, okey, -e) as a 44-bit integer; the slots
+//     are the ranks of the chosen experts when at most 32 chose it, else k rounds of
+//     a warp-wide max.
 // Launches (all on the caller's stream, no host sync, n read on the device):
-//   small T (<= 64):  select_small (stats + per-expert threshold) -> token_route
-//   large T:          row_stats -> select_radix (one block per expert) -> token_route
+//   T <= 32, E <= 512, T*E <= 16384:  fused_small (one block, one launch)
+//   T <= 1024:   keys (stats, keys transposed) -> warp_select -> token_route
+//   larger T:    keys -> select_radix (one block per expert) -> token_route
+//   (T*E > 2^24: no transposed keys; select_radix gathers its column)
+// The second and third launches use programmatic dependent launch on sm_90+.
 // Every reduction has a fixed order and histograms use integer atomics only, so the
 // output bits do not depend on scheduling.
 
@@ -35,7 +39,6 @@ namespace ec {
 constexpr int kDtF32 = 0, kDtBf16 = 1, kDtF16 = 2;
 constexpr int kMaxExperts = 1024;  // 10 bits of expert index in the token rank
 constexpr int kMaxTopK = 32;       // one slot per lane
-constexpr int kSmallT = 64;        // select_small handles up to 2 tokens per lane
 constexpr unsigned kFull = 0xffffffffu;
 
 // ---------------------------------------------------------------------------
@@ -91,13 +94,23 @@ __device__ __forceinline__ void load_row(const void* logits, long long row, int 
   }
 }
 
-// Row max and sum of exp(x - max): each lane in order of i, then a xor butterfly
-// (bitwise the same result in every lane). This is torch's warp softmax order too
-// (its persistent softmax for rows of <= 1024 holds element lane + 32 i in lane).
-// Every kernel that needs row statistics calls this function, so all see the same
-// bits. A NaN anywhere in the row makes the row's scores NaN, as in torch.
+// Scores of a row held in registers, in place: x[i] becomes S[t, lane + 32 i].
+// Softmax: the row max, then the sum of exp(x - max) with each lane in order of i and
+// a xor butterfly (bitwise the same in every lane; this is also the order of torch's
+// warp softmax for rows of <= 1024, which holds element lane + 32 i in lane), then
+// exp / sum. Each exp is computed once; the result has the same bits as
+// softmax_score(x, m, s), which the kernels use given (m, s) from the statistics
+// buffer. A NaN anywhere in the row makes the row's scores NaN, as in torch.
 template <int VPL>
-__device__ __forceinline__ void row_stats(const float (&x)[VPL], int E, int lane, float& m_out, float& s_out) {
+__device__ __forceinline__ void scores_in_place(float (&x)[VPL], int E, int lane, bool sigmoid, float& m_out,
+                                                float& s_out) {
+  if (sigmoid) {
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) x[i] = sigmoid_score(x[i]);
+    m_out = 0.0f;
+    s_out = 1.0f;
+    return;
+  }
   float m = -INFINITY;
 #pragma unroll
   for (int i = 0; i < VPL; ++i)
@@ -106,10 +119,16 @@ __device__ __forceinline__ void row_stats(const float (&x)[VPL], int E, int lane
   for (int d = 16; d > 0; d >>= 1) m = fmaxf(m, __shfl_xor_sync(kFull, m, d));
   float s = 0.0f;
 #pragma unroll
-  for (int i = 0; i < VPL; ++i)
-    if (lane + 32 * i < E) s += expf(x[i] - m);
+  for (int i = 0; i < VPL; ++i) {
+    if (lane + 32 * i < E) {
+      x[i] = expf(x[i] - m);
+      s += x[i];
+    }
+  }
 #pragma unroll
   for (int d = 16; d > 0; d >>= 1) s += __shfl_xor_sync(kFull, s, d);
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) x[i] = x[i] / s;
   m_out = m;
   s_out = s;
 }
@@ -158,10 +177,6 @@ __device__ __forceinline__ int capacity(const Params& p, int n) {
 
 __device__ __forceinline__ float bias_at(const Params& p, int e) {
   return p.bias ? load_any(p.bias, p.bias_dtype, e) : 0.0f;
-}
-
-__device__ __forceinline__ float score_of(const Params& p, float x, float m, float s) {
-  return p.sigmoid ? sigmoid_score(x) : softmax_score(x, m, s);
 }
 
 // Writes the threshold of expert e for the trivial capacities; returns true if done.
@@ -214,16 +229,14 @@ __global__ void __launch_bounds__(kKeysRows * 32) keys_kernel(Params p) {
   if (t < n) {
     float x[VPL];
     load_row<DT, VPL>(p.logits, t, E, lane, x);
-    float m = 0.0f, s = 1.0f;
-    if (!p.sigmoid) {
-      row_stats<VPL>(x, E, lane, m, s);
-      if (lane == 0 && p.stats) p.stats[t] = make_float2(m, s);
-    }
+    float m, s;
+    scores_in_place<VPL>(x, E, lane, p.sigmoid, m, s);
+    if (lane == 0 && p.stats) p.stats[t] = make_float2(m, s);
     if (p.keys_t != nullptr) {
 #pragma unroll
       for (int i = 0; i < VPL; ++i) {
         const int e = lane + 32 * i;
-        if (e < E) tile[e * (kKeysRows + 1) + warp] = okey(score_of(p, x[i], m, s) + bias_at(p, e));
+        if (e < E) tile[e * (kKeysRows + 1) + warp] = okey(x[i] + bias_at(p, e));
       }
     }
   }
@@ -239,65 +252,76 @@ __global__ void __launch_bounds__(kKeysRows * 32) keys_kernel(Params p) {
 }
 
 // ---------------------------------------------------------------------------
-// Kernel 2a (T <= 64): one warp per expert, rank by shuffles. The block first
-// computes the row statistics of the (at most 64) valid rows into shared memory.
+// Kernel 2a (T <= 1024): one warp per expert; the column's keys sit in registers
+// (lane l holds tokens l + 32 i, i < KPL) and the C-th largest key is found bit by
+// bit (below the bits all keys share), counting with the whole warp. Ties: the
+// lowest token indices among the keys equal to it, by ballots in index order.
 
-template <int DT, int VPL>
-__global__ void select_small_kernel(Params p) {
-  __shared__ float2 sstats[kSmallT];
+constexpr int kWarpSelectWarps = 8;
+
+__device__ __forceinline__ int warp_sum(int v) {
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(kFull, v, d);
+  return v;
+}
+
+template <int KPL>
+__global__ void __launch_bounds__(kWarpSelectWarps * 32) warp_select_kernel(Params p) {
   allow_dependents();
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int nwarps = blockDim.x >> 5;
+  wait_for_predecessor();  // before any exit: our completion must imply keys_kernel's
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int e = blockIdx.x * kWarpSelectWarps + warp;
+  if (e >= p.E) return;
   const int n = read_n(p);
   const int C = capacity(p, n);
-  const bool need_stats = !p.sigmoid && C > 0 && C < n;
-  if (need_stats) {
-    for (int t = warp; t < n; t += nwarps) {
-      float x[VPL], m, s;
-      load_row<DT, VPL>(p.logits, t, p.E, lane, x);
-      row_stats<VPL>(x, p.E, lane, m, s);
-      if (lane == 0) sstats[t] = make_float2(m, s);
-    }
-  }
-  __syncthreads();
-  const int e = blockIdx.x * nwarps + warp;
-  if (e >= p.E) return;
   if (trivial_threshold(p, e, n, C)) return;  // uniform per warp; lanes write the same
-  const float b = bias_at(p, e);
-  uint32_t key[2];
+  const uint32_t* col = p.keys_t + static_cast<long long>(e) * p.T;
+  uint32_t key[KPL];
+  uint32_t lo = 0xffffffffu, hi = 0u;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int t = lane + 32 * r;
-    key[r] = 0u;
+  for (int i = 0; i < KPL; ++i) {
+    const int t = lane + 32 * i;
+    key[i] = t < n ? __ldg(col + t) : 0u;
     if (t < n) {
-      const float x = load_val<DT>(p.logits, static_cast<long long>(t) * p.E + e);
-      const float s = p.sigmoid ? sigmoid_score(x) : softmax_score(x, sstats[t].x, sstats[t].y);
-      key[r] = okey(s + b);
-    }
-  }
-  // rank of each own token = number of valid tokens before it in (key desc, t asc)
-  int rank[2] = {0, 0};
-  for (int r2 = 0; r2 < 2; ++r2) {
-    if (32 * r2 >= n) break;  // uniform
-    for (int j = 0; j < 32; ++j) {
-      const uint32_t other = __shfl_sync(kFull, key[r2], j);
-      const int to = j + 32 * r2;
-      if (to >= n) break;  // uniform
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int t = lane + 32 * r;
-        if (other > key[r] || (other == key[r] && to < t)) ++rank[r];
-      }
+      lo = min(lo, key[i]);
+      hi = max(hi, key[i]);
     }
   }
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int t = lane + 32 * r;
-    if (t < n && rank[r] == C - 1) {
-      p.thr_key[e] = key[r];
-      p.thr_tok[e] = t;
+  for (int d = 16; d > 0; d >>= 1) {
+    lo = min(lo, __shfl_xor_sync(kFull, lo, d));
+    hi = max(hi, __shfl_xor_sync(kFull, hi, d));
+  }
+  const uint32_t diff = lo ^ hi;
+  const int bits = diff ? 32 - __clz(diff) : 0;
+  uint32_t v = bits == 32 ? 0u : (lo & ~((1u << bits) - 1u));  // the bits all keys share
+  for (int b = bits - 1; b >= 0; --b) {  // largest v with count(key >= v) >= C
+    const uint32_t cand = v | (1u << b);
+    int cnt = 0;
+#pragma unroll
+    for (int i = 0; i < KPL; ++i) cnt += (lane + 32 * i < n) && key[i] >= cand;
+    if (warp_sum(cnt) >= C) v = cand;
+  }
+  int greater = 0;
+#pragma unroll
+  for (int i = 0; i < KPL; ++i) greater += (lane + 32 * i < n) && key[i] > v;
+  int need = C - warp_sum(greater);  // >= 1 keys equal to v still to take, lowest t first
+  int tstar = -1;
+  const unsigned lt_mask = (1u << lane) - 1u;
+#pragma unroll
+  for (int i = 0; i < KPL; ++i) {
+    const bool eq = (lane + 32 * i < n) && key[i] == v;
+    const unsigned bal = __ballot_sync(kFull, eq);
+    const int c = __popc(bal);
+    if (tstar < 0 && need <= c) {
+      const unsigned who = __ballot_sync(kFull, eq && __popc(bal & lt_mask) == need - 1);
+      tstar = 32 * i + __ffs(who) - 1;
     }
+    if (tstar < 0) need -= c;
+  }
+  if (lane == 0) {
+    p.thr_key[e] = v;
+    p.thr_tok[e] = tstar;
   }
 }
 
@@ -490,11 +514,11 @@ struct WarpScratch {
   int slot_id[32];
 };
 
-// Writes row t's k slots. `x` holds the row's logits (load_row), (m, s) its softmax
-// statistics; is_chosen(e, key) says whether expert e chose token t.
+// Writes row t's k slots. `sc_row` holds the row's scores (S[t, lane + 32 i]);
+// is_chosen(e, key) says whether expert e chose token t.
 template <int VPL, typename ChosenFn>
-__device__ __forceinline__ void route_token(const Params& p, int t, int lane, const float (&x)[VPL], float m,
-                                            float s, WarpScratch& ws, ChosenFn is_chosen) {
+__device__ __forceinline__ void route_token(const Params& p, int t, int lane, const float (&sc_row)[VPL],
+                                            WarpScratch& ws, ChosenFn is_chosen) {
   const int k = p.k;
   const long long out_base = static_cast<long long>(t) * k;
   unsigned long long rank[VPL];
@@ -505,7 +529,7 @@ __device__ __forceinline__ void route_token(const Params& p, int t, int lane, co
     rank[i] = 0ull;
     score[i] = 0.0f;
     if (e < p.E) {
-      const float sc = score_of(p, x[i], m, s);
+      const float sc = sc_row[i];
       const uint32_t key = okey(sc + bias_at(p, e));
       const bool chosen = is_chosen(e, key);
       rank[i] = (static_cast<unsigned long long>(chosen) << 43) |
@@ -609,22 +633,21 @@ __global__ void __launch_bounds__(kTokenWarps * 32) token_route_kernel(Params p)
   const int n = read_n(p);
   // the logits are the caller's: load them before waiting for the select kernel
   float x[VPL];
-  float m = 0.0f, s = 1.0f;
-  if (t < n) {
-    load_row<DT, VPL>(p.logits, t, p.E, lane, x);
-    if (!p.sigmoid && p.stats == nullptr) row_stats<VPL>(x, p.E, lane, m, s);
-  }
+  if (t < n) load_row<DT, VPL>(p.logits, t, p.E, lane, x);
   wait_for_predecessor();  // before any exit: our completion must imply the select's
   if (t >= n) {  // padding row
     write_padding_row(p, t, lane);
     return;
   }
-  if (!p.sigmoid && p.stats != nullptr) {
-    const float2 st = p.stats[t];
-    m = st.x;
-    s = st.y;
+  if (p.sigmoid) {
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) x[i] = sigmoid_score(x[i]);
+  } else {
+    const float2 st = p.stats[t];  // from keys_kernel, the same bits as its scores
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) x[i] = softmax_score(x[i], st.x, st.y);
   }
-  route_token<VPL>(p, t, lane, x, m, s, scratch[warp], [&](int e, uint32_t key) {
+  route_token<VPL>(p, t, lane, x, scratch[warp], [&](int e, uint32_t key) {
     const uint32_t tk = p.thr_key[e];
     const int tt = p.thr_tok[e];
     return key > tk || (key == tk && t <= tt);
@@ -652,13 +675,13 @@ __global__ void __launch_bounds__(kFusedThreads) fused_small_kernel(Params p) {
   const bool select = C > 0 && C < n;
   if (select) {
     for (int t = warp; t < n; t += nwarps) {
-      float x[VPL], m = 0.0f, s = 1.0f;
+      float x[VPL], m, s;
       load_row<DT, VPL>(p.logits, t, E, lane, x);
-      if (!p.sigmoid) row_stats<VPL>(x, E, lane, m, s);
+      scores_in_place<VPL>(x, E, lane, p.sigmoid, m, s);
 #pragma unroll
       for (int i = 0; i < VPL; ++i) {
         const int e = lane + 32 * i;
-        if (e < E) skeys[t * E + e] = okey(score_of(p, x[i], m, s) + bias_at(p, e));
+        if (e < E) skeys[t * E + e] = okey(x[i] + bias_at(p, e));
       }
     }
   }
@@ -690,10 +713,10 @@ __global__ void __launch_bounds__(kFusedThreads) fused_small_kernel(Params p) {
       write_padding_row(p, t, lane);
       continue;
     }
-    float x[VPL], m = 0.0f, s = 1.0f;
+    float x[VPL], m, s;
     load_row<DT, VPL>(p.logits, t, E, lane, x);
-    if (!p.sigmoid) row_stats<VPL>(x, E, lane, m, s);
-    route_token<VPL>(p, t, lane, x, m, s, scratch[warp],
+    scores_in_place<VPL>(x, E, lane, p.sigmoid, m, s);
+    route_token<VPL>(p, t, lane, x, scratch[warp],
                      [&](int e, uint32_t) { return ((chosen_mask[e] >> t) & 1u) != 0u; });
   }
 }
@@ -704,10 +727,12 @@ __global__ void __launch_bounds__(kFusedThreads) fused_small_kernel(Params p) {
 constexpr int kSmemKeysMax = 16384;                  // 64 KiB of keys per select block
 constexpr long long kTransposeMaxElems = 1LL << 24;  // keys_t workspace up to 64 MiB
 
-inline bool use_fused(int T, int E) { return T <= kFusedMaxT && T * E <= kFusedMaxElems; }
+constexpr int kWarpSelectMaxT = 1024;                // 32 keys per lane
+
+inline bool use_fused(int T, int E) { return T <= kFusedMaxT && E <= 512 && T * E <= kFusedMaxElems; }
 
 inline bool use_transpose(int T, int E) {
-  return T > kSmallT && static_cast<long long>(T) * E <= kTransposeMaxElems;
+  return !use_fused(T, E) && static_cast<long long>(T) * E <= kTransposeMaxElems;
 }
 
 inline int vpl_of(int E) {
@@ -750,14 +775,6 @@ cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
       return launch(fused_small_kernel<DT, VPL>, 1, kFusedThreads, smem, stream, false, p);
     }
   }
-  if (p.T <= kSmallT) {
-    const int warps = 16;
-    p.stats = nullptr;
-    p.keys_t = nullptr;
-    err = launch(select_small_kernel<DT, VPL>, (p.E + warps - 1) / warps, warps * 32, 0, stream, false, p);
-    if (err != cudaSuccess) return err;
-    return launch(token_route_kernel<DT, VPL>, token_grid, kTokenWarps * 32, 0, stream, pdl, p);
-  }
   if (p.sigmoid) p.stats = nullptr;
   if (!use_transpose(p.T, p.E)) p.keys_t = nullptr;  // the select kernel gathers its column
   if (p.keys_t != nullptr || !p.sigmoid) {           // keys and/or statistics
@@ -765,6 +782,13 @@ cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
     if ((err = allow_smem(keys_kernel<DT, VPL>, tile)) != cudaSuccess) return err;
     err = launch(keys_kernel<DT, VPL>, (p.T + kKeysRows - 1) / kKeysRows, kKeysRows * 32, tile, stream, false, p);
     if (err != cudaSuccess) return err;
+  }
+  if (p.keys_t != nullptr && p.T <= kWarpSelectMaxT) {
+    const int grid = (p.E + kWarpSelectWarps - 1) / kWarpSelectWarps;
+    if (p.T <= 256) err = launch(warp_select_kernel<8>, grid, kWarpSelectWarps * 32, 0, stream, pdl, p);
+    else err = launch(warp_select_kernel<32>, grid, kWarpSelectWarps * 32, 0, stream, pdl, p);
+    if (err != cudaSuccess) return err;
+    return launch(token_route_kernel<DT, VPL>, token_grid, kTokenWarps * 32, 0, stream, pdl, p);
   }
   const int smem_keys = p.T < kSmemKeysMax ? p.T : kSmemKeysMax;
   const size_t smem = static_cast<size_t>(smem_keys) * sizeof(uint32_t);
