@@ -44,7 +44,8 @@ Switch on: ``forward_native`` / ``forward_cuda`` (and ``forward_cpu``) route wit
       writes zeros for a block whose expert id is -1 (``off_experts == -1`` in every
       release from 0.4.9.post3; 0.5.23 says "padding and nonlocal routes both use -1,
       including without EP").
-  Everything else fills: the other runners (FlashInfer, CUTLASS, Marlin, aiter,
+  On ROCm every runner fills (SGLang itself writes 0, not -1, there). Everything else
+  fills: the other runners (FlashInfer, CUTLASS, Marlin, aiter,
   DeepGEMM without DeepEP, the torch-native runner, which indexes weights with the id),
   "auto", and releases without a runner setting (0.4.9.post3 - 0.5.0).
 * not covered by the routing, refused at construction with a message: grouped top-k,
@@ -343,10 +344,13 @@ class TopK(_SGLangTopK):
         """'skip' when the bound runner skips id -1, else 'fill' (cached; see the docstring)."""
         if self._vacant_policy is None:
             runner, a2a = _global_moe_backends()
-            config = getattr(self, "topk_config", None)
-            bound = _name_of(getattr(config, "runner_backend", None)) if config is not None else None
-            runner = bound or runner
-            if a2a not in (None, "none") or runner in RUNNERS_SKIPPING_VACANT:
+            if hasattr(_SGLangTopK, "bind_runner_backend"):
+                # 0.5.23: the experts bind their resolved runner; None there means a direct
+                # kernel that consumes standard top-k, so only a bound name counts.
+                config = getattr(self, "topk_config", None)
+                runner = _name_of(getattr(config, "runner_backend", None)) if config is not None else None
+            skips = a2a not in (None, "none") or runner in RUNNERS_SKIPPING_VACANT
+            if skips and not _IS_HIP:  # ROCm's aiter kernels read -1 as an index: always fill there
                 self._vacant_policy = "skip"
             else:
                 self._vacant_policy = "fill"
