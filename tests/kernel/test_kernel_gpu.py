@@ -272,6 +272,14 @@ def test_repeated_runs_bitwise_identical(kernel, T):
         assert torch.equal(w.view(torch.int32), first_w.view(torch.int32))
 
 
+@pytest.mark.parametrize("T", [1, 16, 32])
+@pytest.mark.parametrize("E,k", [(60, 4), (512, 10)])
+def test_small_batches_without_the_fused_kernel(kernel, monkeypatch, T, E, k):
+    monkeypatch.setenv("SGL_ECPATCH_KERNEL_FUSED_MAX", "0")
+    for fill in ("drop", "topk"):
+        check(kernel, random_logits(T, E, torch.bfloat16), k, f"unfused T={T} E={E} {fill}", fill=fill)
+
+
 def test_without_programmatic_dependent_launch(kernel, monkeypatch):
     monkeypatch.setenv("SGL_ECPATCH_KERNEL_PDL", "0")
     logits = random_logits(2048, 256, torch.bfloat16)

@@ -43,6 +43,7 @@ __all__ = [
 
 MAX_EXPERTS = 1024
 MAX_TOP_K = 32
+FUSED_MAX_DEFAULT = 16384  # largest T * E routed in one launch (T <= 32, E <= 512)
 
 _DTYPE_CODES = {"torch.float32": 0, "torch.bfloat16": 1, "torch.float16": 2}
 _load_lock = threading.Lock()
@@ -244,7 +245,11 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
         n_host = max(0, min(num_tokens, n_host))
 
     num, den = capacity_fraction(float(capacity_factor), num_experts)
-    workspace = torch.empty(int(lib.ec_workspace_bytes(num_tokens, num_experts)), dtype=torch.uint8, device=device)
+    # tuning knobs, read per call (a captured graph keeps the choice made at capture)
+    pdl = int(os.environ.get("SGL_ECPATCH_KERNEL_PDL", "1") != "0")
+    fused_max = int(os.environ.get("SGL_ECPATCH_KERNEL_FUSED_MAX", str(FUSED_MAX_DEFAULT)))
+    workspace = torch.empty(int(lib.ec_workspace_bytes(num_tokens, num_experts, fused_max)), dtype=torch.uint8,
+                            device=device)
     stream = torch.cuda.current_stream(device).cuda_stream
     rc = lib.ec_route(
         x.data_ptr(), code, num_tokens, num_experts, top_k,
@@ -254,7 +259,7 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
         int(scoring_func == "sigmoid"), int(fill == "topk"), int(bool(renormalize)),
         workspace.data_ptr(), weights.data_ptr(), ids.data_ptr(),
         device.index if device.index is not None else torch.cuda.current_device(), stream,
-        int(os.environ.get("SGL_ECPATCH_KERNEL_PDL", "1") != "0"),
+        pdl, fused_max,
     )
     if rc != 0:
         raise RuntimeError(f"expert-choice kernel launch failed: {lib.ec_error_string(rc).decode()}")

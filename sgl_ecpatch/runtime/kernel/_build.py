@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).resolve().parent
 SOURCES = ("expert_choice.cu",)
-ABI_VERSION = 3  # must match ec_abi_version() in expert_choice.cu
+ABI_VERSION = 4  # must match ec_abi_version() in expert_choice.cu
 BASE_CUDA_FLAGS = ("-O3", "-lineinfo", "-std=c++17")
 LIB_STEM = "sgl_ecpatch_expert_choice"
 
@@ -255,7 +255,7 @@ def open_library(path: Path):
     if lib.ec_abi_version() != ABI_VERSION:
         raise KernelBuildError(f"{path}: C interface version {lib.ec_abi_version()}, expected {ABI_VERSION}")
     lib.ec_workspace_bytes.restype = c.c_longlong
-    lib.ec_workspace_bytes.argtypes = [c.c_int, c.c_int]
+    lib.ec_workspace_bytes.argtypes = [c.c_int, c.c_int, c.c_int]
     lib.ec_error_string.restype = c.c_char_p
     lib.ec_error_string.argtypes = [c.c_int]
     lib.ec_route.restype = c.c_int
@@ -266,6 +266,6 @@ def open_library(path: Path):
         c.c_longlong, c.c_longlong,  # cf num, den
         c.c_int, c.c_int, c.c_int,  # sigmoid, fill_topk, renorm
         c.c_void_p, c.c_void_p, c.c_void_p,  # workspace, out_w, out_id
-        c.c_int, c.c_void_p, c.c_int,  # device, stream, PDL allowed
+        c.c_int, c.c_void_p, c.c_int, c.c_int,  # device, stream, PDL allowed, fused max T*E
     ]
     return lib

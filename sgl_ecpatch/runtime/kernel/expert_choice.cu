@@ -146,6 +146,7 @@ struct Params {
   int sigmoid;
   int fill_topk;
   int renorm;
+  int fused_max;       // largest T * E for the one-launch path
   float2* stats;       // [T] (m, s) of softmax rows; null: recompute per row
   uint32_t* keys_t;    // [E, T] ordered keys, transposed; null: select gathers them
   uint32_t* thr_key;   // [E]
@@ -729,10 +730,12 @@ constexpr long long kTransposeMaxElems = 1LL << 24;  // keys_t workspace up to 6
 
 constexpr int kWarpSelectMaxT = 1024;                // 32 keys per lane
 
-inline bool use_fused(int T, int E) { return T <= kFusedMaxT && E <= 512 && T * E <= kFusedMaxElems; }
+inline bool use_fused(int T, int E, int fused_max) {
+  return T <= kFusedMaxT && E <= 512 && T * E <= fused_max && T * E <= kFusedMaxElems;
+}
 
-inline bool use_transpose(int T, int E) {
-  return !use_fused(T, E) && static_cast<long long>(T) * E <= kTransposeMaxElems;
+inline bool use_transpose(int T, int E, int fused_max) {
+  return !use_fused(T, E, fused_max) && static_cast<long long>(T) * E <= kTransposeMaxElems;
 }
 
 inline int vpl_of(int E) {
@@ -769,14 +772,14 @@ cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
   cudaError_t err;
   const int token_grid = (p.T + kTokenWarps - 1) / kTokenWarps;
   if constexpr (VPL <= 16) {  // E <= 512: the row's registers fit 512 threads
-    if (use_fused(p.T, p.E)) {
+    if (use_fused(p.T, p.E, p.fused_max)) {
       const size_t smem = static_cast<size_t>(p.T) * p.E * sizeof(uint32_t);
       if ((err = allow_smem(fused_small_kernel<DT, VPL>, smem)) != cudaSuccess) return err;
       return launch(fused_small_kernel<DT, VPL>, 1, kFusedThreads, smem, stream, false, p);
     }
   }
   if (p.sigmoid) p.stats = nullptr;
-  if (!use_transpose(p.T, p.E)) p.keys_t = nullptr;  // the select kernel gathers its column
+  if (!use_transpose(p.T, p.E, p.fused_max)) p.keys_t = nullptr;  // the select kernel gathers its column
   if (p.keys_t != nullptr || !p.sigmoid) {           // keys and/or statistics
     const size_t tile = p.keys_t ? static_cast<size_t>(p.E) * (kKeysRows + 1) * sizeof(uint32_t) : 0;
     if ((err = allow_smem(keys_kernel<DT, VPL>, tile)) != cudaSuccess) return err;
@@ -816,13 +819,14 @@ cudaError_t launch_all(const Params& p, cudaStream_t stream, bool pdl) {
 extern "C" {
 
 // Version of this C interface; the Python side checks it after loading.
-int ec_abi_version() { return 3; }
+int ec_abi_version() { return 4; }
 
 // Bytes of device workspace for T tokens and E experts: row statistics [T], the
-// thresholds [E] twice, and for T > 64 (up to 2^24 elements) the transposed keys.
-long long ec_workspace_bytes(int T, int E) {
+// thresholds [E] twice, and outside the one-launch path (up to 2^24 elements) the
+// transposed keys.
+long long ec_workspace_bytes(int T, int E, int fused_max) {
   long long bytes = static_cast<long long>(T) * 8 + static_cast<long long>(E) * 8 + 256;
-  if (ec::use_transpose(T, E)) bytes += static_cast<long long>(T) * E * 4;
+  if (ec::use_transpose(T, E, fused_max)) bytes += static_cast<long long>(T) * E * 4;
   return bytes;
 }
 
@@ -837,12 +841,13 @@ const char* ec_error_string(int code) {
 // 2 = float16). `n_ptr` (device int32/int64 scalar, may be null: then n_host) is the
 // number of valid rows. `workspace` holds ec_workspace_bytes(T, E) bytes. Writes
 // out_w [T, k] float32 and out_id [T, k] int32. `pdl_enabled` lets the second and third
-// kernels start early (programmatic dependent launch, sm_90+). Returns 0 or an error
-// code (see ec_error_string).
+// kernels start early (programmatic dependent launch, sm_90+); `fused_max` is the
+// largest T * E routed by the one-launch kernel. Returns 0 or an error code (see
+// ec_error_string).
 int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bias, int bias_dtype,
              const void* n_ptr, int n_is_64, long long n_host, long long cf_num, long long cf_den,
              int sigmoid, int fill_topk, int renorm, void* workspace, float* out_w, int* out_id,
-             int device, void* stream, int pdl_enabled) {
+             int device, void* stream, int pdl_enabled, int fused_max) {
   if (E < 1 || E > ec::kMaxExperts || k < 1 || k > E || k > ec::kMaxTopK) return -1;
   if (T <= 0) return 0;
   int prev = -1;
@@ -864,13 +869,14 @@ int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bia
   p.sigmoid = sigmoid;
   p.fill_topk = fill_topk;
   p.renorm = renorm;
+  p.fused_max = fused_max;
   char* ws = static_cast<char*>(workspace);
   const long long off_thr = static_cast<long long>(T) * 8;
   const long long off_keys = (off_thr + static_cast<long long>(E) * 8 + 255) / 256 * 256;
   p.stats = reinterpret_cast<float2*>(ws);
   p.thr_key = reinterpret_cast<uint32_t*>(ws + off_thr);
   p.thr_tok = reinterpret_cast<int*>(ws + off_thr + static_cast<long long>(E) * 4);
-  p.keys_t = ec::use_transpose(T, E) ? reinterpret_cast<uint32_t*>(ws + off_keys) : nullptr;
+  p.keys_t = ec::use_transpose(T, E, fused_max) ? reinterpret_cast<uint32_t*>(ws + off_keys) : nullptr;
   p.out_w = out_w;
   p.out_id = out_id;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
