@@ -153,6 +153,12 @@ class TopK(_SGLangTopK):
         self._vacant_policy = None  # "skip" or "fill", decided on the first expert-choice forward
         if self.use_expert_choice:
             self._setup_expert_choice(args, kwargs)
+        if not self.expert_choice_layer:
+            # Never expert choice here: pin SGLang's own forwards on the instance, so the
+            # calls skip even the switch check of this class (same path, same cost).
+            for name in ("forward_native", "forward_cuda", "forward_cpu"):
+                if hasattr(_SGLangTopK, name):
+                    self.__dict__[name] = getattr(super(), name)
 
     # ------------------------------------------------------------------ construction
 
