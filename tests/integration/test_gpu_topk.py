@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -122,5 +123,8 @@ def test_cuda_forward_in_cuda_graph_matches_reference(tmp_path):
     program = sglang_env.BOOTSTRAP.replace("{device}", "cuda") + "\n" + CHECK
     proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=full_env,
                           cwd=str(tmp_path), timeout=900)
+    missing = re.search(r"ModuleNotFoundError: No module named '([^']+)'", proc.stderr)
+    if proc.returncode != 0 and missing and "PASS" not in proc.stdout:
+        pytest.skip(f"SGLang does not import here: no module {missing.group(1)!r} (carry its wheel in .whl/)")
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}"
     assert proc.stdout.count("PASS") == 4, proc.stdout
