@@ -15,6 +15,8 @@ when it builds, and "torch") and each runner policy (Triton keeps -1 in vacant s
 no runner bound fills them), it captures ``forward_cuda`` with a device-side
 ``num_token_non_padded`` in a CUDA graph, replays it on fresh logits with several
 padding counts, and compares ids and weights bit for bit with the reference routing.
+Without a GPU the same sequence runs eagerly through ``forward_native`` on the CPU
+(`test_same_sequence_eagerly_on_cpu`, in CI), so the script itself is tested everywhere.
 """
 
 from __future__ import annotations
@@ -32,8 +34,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-pytestmark = pytest.mark.gpu
-
 TESTS = Path(__file__).resolve().parent.parent
 REPO = TESTS.parent
 
@@ -44,7 +44,8 @@ CHECK = textwrap.dedent("""
     from sglang.srt.layers.moe.utils import MoeRunnerBackend
 
     T, E, K = 64, 128, 8
-    device = torch.device("cuda")
+    ON_GPU = torch.cuda.is_available()  # on a CPU the same sequence runs eagerly through forward_native
+    device = torch.device("cuda" if ON_GPU else "cpu")
     generator = torch.Generator(device="cpu").manual_seed(0)
 
     def expected(logits, n, keep_vacant):
@@ -61,26 +62,31 @@ CHECK = textwrap.dedent("""
         for runner in (MoeRunnerBackend.TRITON, None):
             topk = TopK(top_k=K, renormalize=True, layer_id=0, use_expert_choice=True, expert_capacity_factor=1.25)
             topk.bind_runner_backend(runner)
+            forward = topk.forward_cuda if ON_GPU else topk.forward_native
             hidden = torch.zeros(T, 16, device=device, dtype=torch.bfloat16)
             logits = torch.zeros(T, E, device=device, dtype=torch.bfloat16)
             n_dev = torch.full((), T, device=device, dtype=torch.int32)
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(3):  # warm up (and build the kernel) outside the graph
-                    topk.forward_cuda(hidden, logits, num_token_non_padded=n_dev)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = topk.forward_cuda(hidden, logits, num_token_non_padded=n_dev)
+            if ON_GPU:
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(3):  # warm up (and build the kernel) outside the graph
+                        forward(hidden, logits, num_token_non_padded=n_dev)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = forward(hidden, logits, num_token_non_padded=n_dev)
             for n in (T, 50, 17, 1, 0):
                 fresh = (torch.randn(T, E, generator=generator) * 3).to(torch.bfloat16)
                 logits.copy_(fresh.to(device))
                 n_dev.fill_(n)
-                for ids_or_w in (out.topk_ids, out.topk_weights):
-                    ids_or_w.fill_(77)  # poison: a replay must write every element
-                graph.replay()
-                torch.cuda.synchronize()
+                if ON_GPU:
+                    for tensor in (out.topk_ids, out.topk_weights):
+                        tensor.fill_(77)  # poison: a replay must write every element
+                    graph.replay()
+                    torch.cuda.synchronize()
+                else:
+                    out = forward(hidden, logits, num_token_non_padded=n_dev)
                 weights, ids = expected(fresh, n, keep_vacant=runner is not None)
                 what = f"backend={backend} runner={runner} n={n}"
                 assert torch.equal(out.topk_ids.cpu(), ids), what + " ids"
@@ -103,12 +109,8 @@ def _sglang_package():
     return None
 
 
-def test_cuda_forward_in_cuda_graph_matches_reference(tmp_path):
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU")
-    package = _sglang_package()
-    if package is None:
-        pytest.skip("SGLang is not importable here (see this module's docstring)")
+def _run_check(tmp_path: Path, package: Path, device: str) -> subprocess.CompletedProcess:
+    """Copy `package`, vendor the expert-choice package into it, run CHECK there."""
     shutil.copytree(package, tmp_path / "sglang", ignore=shutil.ignore_patterns("__pycache__"), symlinks=True)
     from sgl_ecpatch import vendor
 
@@ -116,15 +118,37 @@ def test_cuda_forward_in_cuda_graph_matches_reference(tmp_path):
     sys.path.insert(0, str(TESTS))
     import sglang_env
 
-    env = {"PYTHONPATH": os.pathsep.join(
-        [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")]), str(sglang_env.site_dir()), str(REPO)])}
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SGLANG_")}
-    full_env.update(env)
-    program = sglang_env.BOOTSTRAP.replace("{device}", "cuda") + "\n" + CHECK
-    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=full_env,
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SGLANG_")}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")]), str(sglang_env.site_dir()), str(REPO)])
+    program = sglang_env.BOOTSTRAP.replace("{device}", device) + "\n" + CHECK
+    return subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env,
                           cwd=str(tmp_path), timeout=900)
+
+
+@pytest.mark.gpu
+def test_cuda_forward_in_cuda_graph_matches_reference(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    package = _sglang_package()
+    if package is None:
+        pytest.skip("SGLang is not importable here (see this module's docstring)")
+    proc = _run_check(tmp_path, package, "cuda")
     missing = re.search(r"ModuleNotFoundError: No module named '([^']+)'", proc.stderr)
     if proc.returncode != 0 and missing and "PASS" not in proc.stdout:
         pytest.skip(f"SGLang does not import here: no module {missing.group(1)!r} (carry its wheel in .whl/)")
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}"
+    assert proc.stdout.count("PASS") == 4, proc.stdout
+
+
+@pytest.mark.network
+def test_same_sequence_eagerly_on_cpu(tmp_path):
+    """CHECK without a GPU: the same replays through forward_native (CI runs this one)."""
+    if torch.cuda.is_available():
+        pytest.skip("the GPU test covers this machine")
+    sys.path.insert(0, str(TESTS))
+    import sglang_env
+
+    proc = _run_check(tmp_path, sglang_env.ensure_site() / "sglang", "cpu")
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}"
     assert proc.stdout.count("PASS") == 4, proc.stdout
