@@ -455,7 +455,6 @@ __global__ void __launch_bounds__(kSelectThreads) select_radix_kernel(Params p, 
     const unsigned nbins = 1u << width;
     for (unsigned i = tid; i < nbins; i += bd) hist[i] = 0u;
     __syncthreads();
-#pragma unroll 4
     for (int t = tid; t < n; t += bd) {
       const uint32_t u = key_at(t);
       if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & (nbins - 1u)], 1u);
