@@ -159,6 +159,11 @@ class TopK(_SGLangTopK):
             for name in ("forward_native", "forward_cuda", "forward_cpu"):
                 if hasattr(_SGLangTopK, name):
                     self.__dict__[name] = getattr(super(), name)
+            # CustomOp (to 0.5.7) picks the forward inside __init__, before the pins above.
+            chosen = self.__dict__.get("_forward_method")
+            name = getattr(getattr(chosen, "__func__", None), "__name__", None)
+            if name in self.__dict__ and getattr(chosen, "__func__", None) is getattr(TopK, name, None):
+                self.__dict__["_forward_method"] = self.__dict__[name]
 
     # ------------------------------------------------------------------ construction
 

@@ -33,7 +33,18 @@ class TopKOutput(NamedTuple):
     router_logits: torch.Tensor
 
 
-class TopK(torch.nn.Module):
+class CustomOp(torch.nn.Module):
+    """Like SGLang's CustomOp of that time: the forward is picked once, in __init__."""
+
+    def __init__(self):
+        super().__init__()
+        self._forward_method = self.forward_cuda
+
+    def forward(self, *args, **kwargs):
+        return self._forward_method(*args, **kwargs)
+
+
+class TopK(CustomOp):
     def __init__(self, top_k: int, *, use_grouped_topk: bool = False, topk_group: Optional[int] = None,
                  num_expert_group: Optional[int] = None, renormalize: bool = True,
                  num_fused_shared_experts: int = 0, custom_routing_function: Optional[Callable] = None,
@@ -92,12 +103,14 @@ off = TopK(K, renormalize=False)
 ref = OldTopK(K, renormalize=False).forward_native(hidden, logits)
 out = off.forward_native(hidden, logits)
 assert type(out) is TopKOutput and torch.equal(out.topk_ids, ref.topk_ids) and torch.equal(out.topk_weights, ref.topk_weights)
+assert off._forward_method.__func__ is OldTopK.forward_cuda  # switched off: SGLang's own, picked in __init__
+assert torch.equal(off(hidden, logits).topk_ids, ref.topk_ids)
 
 on = TopK(K, renormalize=True, use_expert_choice=True, expert_capacity_factor=1.0)
 weights, ids = expert_choice_topk(logits, K, capacity_factor=1.0, renormalize=True, impl="reference")
 assert (ids < 0).any()
 filled = torch.where(ids < 0, ids[:, :1].clamp(min=0).expand_as(ids), ids)
-out = on.forward_cuda(hidden, logits)
+out = on(hidden, logits)  # through CustomOp's dispatch: our forward_cuda
 assert type(out) is TopKOutput
 assert torch.equal(out.topk_ids, filled) and torch.equal(out.topk_weights, weights)
 out = on.forward_native(hidden, logits, num_token_non_padded=torch.tensor(20))
