@@ -52,7 +52,8 @@ Switch on: ``forward_native`` / ``forward_cuda`` (and ``forward_cpu``) route wit
   ``custom_routing_function``, fused shared-expert slots, scoring functions other than
   softmax/sigmoid, and an output format other than the standard one (``output_format=``,
   or on 0.5.23 the one ``bind_runner_backend`` picks for the MoE runner; on 0.5.1-0.5.22
-  the global runner backend ``triton_kernel``), and the NPU/XPU forwards (SGLang's own
+  the global runner backends ``triton_kernel``, ``flashinfer_trtllm`` and
+  ``flashinfer_mxfp4``, for which SGLang's forward_cuda skips standard output), and the NPU/XPU forwards (SGLang's own
   kernels route there; expert choice would silently not apply).
 
 Known limit: an out-of-tree platform plugin (SGLang 0.5.18+) that registers a forward for
@@ -98,6 +99,9 @@ _BASE_PARAMETERS = inspect.signature(_SGLangTopK.__init__).parameters
 
 # Runners that skip an expert id of -1 (see the module docstring).
 RUNNERS_SKIPPING_VACANT = frozenset({"triton"})
+# 0.5.1-0.5.22: forward_cuda hands these global runner backends a TRITON_KERNEL or BYPASSED
+# output instead of the standard one (0.5.23 decides per layer in bind_runner_backend).
+RUNNERS_NEEDING_OTHER_FORMATS = frozenset({"triton_kernel", "flashinfer_trtllm", "flashinfer_mxfp4"})
 
 
 def _stamp_defaults():
@@ -220,9 +224,9 @@ class TopK(_SGLangTopK):
         if not hasattr(_SGLangTopK, "bind_runner_backend") and _OutputFormat is not None and output_format is None:
             # 0.5.1-0.5.22: forward_cuda picks the format from the global runner backend.
             runner, _ = _global_moe_backends()
-            if runner in ("triton_kernel", "triton_kernels"):
-                self._refuse(f"the MoE runner backend {runner!r}, which needs another top-k output format",
-                             "Use --moe-runner-backend triton (or auto).")
+            if runner in RUNNERS_NEEDING_OTHER_FORMATS:
+                self._refuse(f"the MoE runner backend {runner!r}, which takes another top-k output format "
+                             "than standard ids and weights", "Use --moe-runner-backend triton (or auto).")
 
         default_min_tokens, default_layers = _stamp_defaults()
         try:
