@@ -296,34 +296,12 @@ __global__ void __launch_bounds__(kWarpSelectWarps * 32) warp_select_kernel(Para
   const uint32_t diff = lo ^ hi;
   const int bits = diff ? 32 - __clz(diff) : 0;
   uint32_t v = bits == 32 ? 0u : (lo & ~((1u << bits) - 1u));  // the bits all keys share
-  // largest v with count(key >= v) >= C, two bits per step (three counts at once)
-  int b = bits;
-  if (b & 1) {
-    --b;
+  for (int b = bits - 1; b >= 0; --b) {  // largest v with count(key >= v) >= C
     const uint32_t cand = v | (1u << b);
     int cnt = 0;
 #pragma unroll
     for (int i = 0; i < KPL; ++i) cnt += (lane + 32 * i < n) && key[i] >= cand;
     if (warp_sum(cnt) >= C) v = cand;
-  }
-  while (b > 0) {
-    b -= 2;
-    const uint32_t c1 = v | (1u << b), c2 = v | (2u << b), c3 = v | (3u << b);
-    int n1 = 0, n2 = 0, n3 = 0;
-#pragma unroll
-    for (int i = 0; i < KPL; ++i) {
-      const bool valid = lane + 32 * i < n;
-      n1 += valid && key[i] >= c1;
-      n2 += valid && key[i] >= c2;
-      n3 += valid && key[i] >= c3;
-    }
-#pragma unroll
-    for (int d = 16; d > 0; d >>= 1) {
-      n1 += __shfl_xor_sync(kFull, n1, d);
-      n2 += __shfl_xor_sync(kFull, n2, d);
-      n3 += __shfl_xor_sync(kFull, n3, d);
-    }
-    v = n3 >= C ? c3 : n2 >= C ? c2 : n1 >= C ? c1 : v;
   }
   int greater = 0;
 #pragma unroll
