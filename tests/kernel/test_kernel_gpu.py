@@ -262,9 +262,9 @@ def test_large_token_counts(kernel, E, k):
     check(kernel, logits, k, f"T=65536 E={E} sigmoid topk", scoring_func="sigmoid", fill="topk")
 
 
-@pytest.mark.parametrize("T", [16, 48, 4096])
-def test_repeated_runs_bitwise_identical(kernel, T):
-    logits = random_logits(T, 512, torch.bfloat16)
+@pytest.mark.parametrize("T,E", [(16, 512), (48, 512), (64, 256), (4096, 512)])
+def test_repeated_runs_bitwise_identical(kernel, T, E):
+    logits = random_logits(T, E, torch.bfloat16)
     first_w, first_ids = run_kernel(kernel, logits, 10)
     for _ in range(100):
         w, ids = run_kernel(kernel, logits, 10)
@@ -272,8 +272,8 @@ def test_repeated_runs_bitwise_identical(kernel, T):
         assert torch.equal(w.view(torch.int32), first_w.view(torch.int32))
 
 
-@pytest.mark.parametrize("T", [1, 16, 32])
-@pytest.mark.parametrize("E,k", [(60, 4), (512, 10)])
+@pytest.mark.parametrize("T", [1, 16, 32, 64])
+@pytest.mark.parametrize("E,k", [(60, 4), (256, 8), (512, 10)])
 def test_small_batches_without_the_fused_kernel(kernel, monkeypatch, T, E, k):
     monkeypatch.setenv("SGL_ECPATCH_KERNEL_FUSED_MAX", "0")
     for fill in ("drop", "topk"):
@@ -286,7 +286,7 @@ def test_without_programmatic_dependent_launch(kernel, monkeypatch):
     check(kernel, logits, 8, "no PDL")
 
 
-@pytest.mark.parametrize("T", [16, 48, 1024])
+@pytest.mark.parametrize("T", [16, 48, 64, 1024])
 def test_cuda_graph_capture_and_replay(kernel, T):
     E, k = 128, 8
     logits = torch.empty(T, E, dtype=torch.bfloat16, device="cuda")

@@ -1,0 +1,909 @@
+// Expert-choice routing (Zhou et al. 2022) as CUDA kernels.
+//
+// Computes exactly the `expert_choice_topk` contract of the project (ROUTING.md):
+//   scores S = softmax(logits.float()) per row (or sigmoid), key = S + bias[e],
+//   capacity C = min(n, ceil(n * k * cf / E)) in integers (cf = num / den),
+//   expert e chooses the C valid tokens with the largest key (ties: lower token),
+//   token t keeps at most k of the experts that chose it (largest key, ties: lower
+//   expert), "topk" fill adds its best non-kept experts, padding rows are -1/0,
+//   vacant slots -1/0, renormalisation sums the row's weights in slot order.
+//
+// This file has no torch or pybind11 include on purpose: it compiles in seconds and
+// the Python side calls the C entry points at the bottom through ctypes, passing
+// raw device pointers and the current torch stream.
+//
+// Shape of the computation:
+//   * ranking keys are mapped to order-preserving uint32 ("okey"), NaN -> 0, so the
+//     total order on (key, token) is an integer order with no float compares;
+//   * per expert, the threshold is the C-th largest (okey, -token) pair of its
+//     column: the kernels write thr_key[e] and thr_tok[e], and token t is chosen by
+//     e iff okey > thr_key[e] || (okey == thr_key[e] && t <= thr_tok[e]);
+//   * per token, one warp ranks (chosen, okey, -e) as a 44-bit integer; the slots
+//     are the ranks of the chosen experts when at most 32 chose it, else k rounds of
+//     a warp-wide max.
+// Launches (all on the caller's stream, no host sync, n read on the device):
+//   T <= 32, E <= 512, T*E <= 16384:  fused_small (one block, one launch)
+//   T <= 1024:   keys (stats, keys transposed) -> warp_select -> token_route
+//   larger T:    keys -> select_radix (one block per expert) -> token_route
+//   (T*E > 2^24: no transposed keys; select_radix gathers its column)
+// The second and third launches use programmatic dependent launch on sm_90+.
+// Every reduction has a fixed order and histograms use integer atomics only, so the
+// output bits do not depend on scheduling.
+
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace ec {
+
+constexpr int kDtF32 = 0, kDtBf16 = 1, kDtF16 = 2;
+constexpr int kMaxExperts = 1024;  // 10 bits of expert index in the token rank
+constexpr int kMaxTopK = 32;       // one slot per lane
+constexpr unsigned kFull = 0xffffffffu;
+
+// ---------------------------------------------------------------------------
+// element helpers
+
+template <int DT>
+__device__ __forceinline__ float load_val(const void* p, long long i) {
+  if (DT == kDtF32) {
+    return __ldg(static_cast<const float*>(p) + i);
+  } else if (DT == kDtBf16) {
+    unsigned short bits = __ldg(static_cast<const unsigned short*>(p) + i);
+    return __uint_as_float(static_cast<uint32_t>(bits) << 16);
+  } else {
+    unsigned short bits = __ldg(static_cast<const unsigned short*>(p) + i);
+    return __half2float(__ushort_as_half(bits));
+  }
+}
+
+__device__ __forceinline__ float load_any(const void* p, int dt, long long i) {
+  if (dt == kDtF32) return load_val<kDtF32>(p, i);
+  if (dt == kDtBf16) return load_val<kDtBf16>(p, i);
+  return load_val<kDtF16>(p, i);
+}
+
+// Order-preserving map float32 -> uint32: a < b  <=>  okey(a) < okey(b) for numbers;
+// -0 and +0 map to one value (they compare equal); NaN maps to 0, below -inf.
+__device__ __forceinline__ uint32_t okey(float f) {
+  if (f != f) return 0u;
+  uint32_t u = __float_as_uint(f);
+  if ((u << 1) == 0u) u = 0u;
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Softmax score of one element given its row's max m and sum s of exp(x - m); the
+// same expression as torch's softmax (exp(x - max) / sum).
+__device__ __forceinline__ float softmax_score(float x, float m, float s) {
+  return expf(x - m) / s;
+}
+
+__device__ __forceinline__ float sigmoid_score(float x) {
+  return 1.0f / (1.0f + expf(-x));
+}
+
+// One row in registers: lane `l` holds x[i] = logits[row, l + 32 i] (i < VPL); all
+// loads are issued before the first use.
+template <int DT, int VPL>
+__device__ __forceinline__ void load_row(const void* logits, long long row, int E, int lane, float (&x)[VPL]) {
+  const long long base = row * E;
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) {
+    const int e = lane + 32 * i;
+    x[i] = e < E ? load_val<DT>(logits, base + e) : 0.0f;
+  }
+}
+
+// Scores of a row held in registers, in place: x[i] becomes S[t, lane + 32 i].
+// Softmax: the row max, then the sum of exp(x - max) with each lane in order of i and
+// a xor butterfly (bitwise the same in every lane; this is also the order of torch's
+// warp softmax for rows of <= 1024, which holds element lane + 32 i in lane), then
+// exp / sum. Each exp is computed once; the result has the same bits as
+// softmax_score(x, m, s), which the kernels use given (m, s) from the statistics
+// buffer. A NaN anywhere in the row makes the row's scores NaN, as in torch.
+template <int VPL>
+__device__ __forceinline__ void scores_in_place(float (&x)[VPL], int E, int lane, bool sigmoid, float& m_out,
+                                                float& s_out) {
+  if (sigmoid) {
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) x[i] = sigmoid_score(x[i]);
+    m_out = 0.0f;
+    s_out = 1.0f;
+    return;
+  }
+  float m = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < VPL; ++i)
+    if (lane + 32 * i < E) m = fmaxf(m, x[i]);
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) m = fmaxf(m, __shfl_xor_sync(kFull, m, d));
+  float s = 0.0f;
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) {
+    if (lane + 32 * i < E) {
+      x[i] = expf(x[i] - m);
+      s += x[i];
+    }
+  }
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) s += __shfl_xor_sync(kFull, s, d);
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) x[i] = x[i] / s;
+  m_out = m;
+  s_out = s;
+}
+
+struct Params {
+  const void* logits;
+  int dtype;
+  int T, E, k;
+  const void* bias;  // may be null
+  int bias_dtype;
+  const void* n_ptr;  // may be null: then n = n_host
+  int n_is_64;
+  long long n_host;
+  long long cf_num, cf_den;
+  int sigmoid;
+  int fill_topk;
+  int renorm;
+  int fused_max;       // largest T * E for the one-launch path
+  float2* stats;       // [T] (m, s) of softmax rows; null: recompute per row
+  uint32_t* keys_t;    // [E, T] ordered keys, transposed; null: select gathers them
+  uint32_t* thr_key;   // [E]
+  int* thr_tok;        // [E]
+  float* out_w;        // [T, k]
+  int* out_id;         // [T, k]
+};
+
+__device__ __forceinline__ int read_n(const Params& p) {
+  long long n = p.n_host;
+  if (p.n_ptr != nullptr) {
+    n = p.n_is_64 ? *static_cast<const long long*>(p.n_ptr)
+                  : static_cast<long long>(*static_cast<const int*>(p.n_ptr));
+  }
+  if (n < 0) n = 0;
+  if (n > p.T) n = p.T;
+  return static_cast<int>(n);
+}
+
+// C = 0 if n == 0 else min(n, ceil(n k num / (E den))); the host caps num/den at E
+// so the product fits in 64 bits.
+__device__ __forceinline__ int capacity(const Params& p, int n) {
+  if (n == 0) return 0;
+  long long a = static_cast<long long>(n) * p.k * p.cf_num;
+  long long b = static_cast<long long>(p.E) * p.cf_den;
+  long long c = (a + b - 1) / b;
+  return c < n ? static_cast<int>(c) : n;
+}
+
+__device__ __forceinline__ float bias_at(const Params& p, int e) {
+  return p.bias ? load_any(p.bias, p.bias_dtype, e) : 0.0f;
+}
+
+// Writes the threshold of expert e for the trivial capacities; returns true if done.
+__device__ __forceinline__ bool trivial_threshold(const Params& p, int e, int n, int C) {
+  if (C == 0) {  // nobody chosen
+    p.thr_key[e] = 0xffffffffu;
+    p.thr_tok[e] = -1;
+    return true;
+  }
+  if (C >= n) {  // every valid token chosen
+    p.thr_key[e] = 0u;
+    p.thr_tok[e] = n;
+    return true;
+  }
+  return false;
+}
+
+// Programmatic dependent launch (sm_90+): a kernel launched with the PDL attribute
+// may start while its predecessor runs; it waits here before reading what the
+// predecessor wrote. The predecessor lets it start once all its blocks are running.
+__device__ __forceinline__ void wait_for_predecessor() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
+// ---------------------------------------------------------------------------
+// Kernel 1 (large T): per row, the softmax statistics and every key; the keys go
+// out transposed ([E, T]) through a shared-memory tile of 8 rows (one per warp), so
+// that the select kernel reads each expert's column contiguously; each store is a
+// full 32-byte sector.
+
+constexpr int kKeysRows = 8;
+
+template <int DT, int VPL>
+__global__ void __launch_bounds__(kKeysRows * 32) keys_kernel(Params p) {
+  extern __shared__ uint32_t tile[];  // [E][kKeysRows + 1]
+  allow_dependents();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int t0 = blockIdx.x * kKeysRows;
+  const int n = read_n(p);
+  const int E = p.E;
+  const int t = t0 + warp;
+  if (t < n) {
+    float x[VPL];
+    load_row<DT, VPL>(p.logits, t, E, lane, x);
+    float m, s;
+    scores_in_place<VPL>(x, E, lane, p.sigmoid, m, s);
+    if (lane == 0 && p.stats) p.stats[t] = make_float2(m, s);
+    if (p.keys_t != nullptr) {
+#pragma unroll
+      for (int i = 0; i < VPL; ++i) {
+        const int e = lane + 32 * i;
+        if (e < E) tile[e * (kKeysRows + 1) + warp] = okey(x[i] + bias_at(p, e));
+      }
+    }
+  }
+  if (p.keys_t == nullptr) return;  // uniform per block: no barrier below is reached
+  __syncthreads();
+  const int rows = min(kKeysRows, n - t0);
+  if (rows <= 0) return;
+  // lane -> (expert e0 + lane / 8, row lane % 8): a warp stores 4 experts' sectors
+  const int r = lane & 7;
+  for (int e = warp * 4 + (lane >> 3); e < E; e += kKeysRows * 4) {
+    if (r < rows) p.keys_t[static_cast<long long>(e) * p.T + t0 + r] = tile[e * (kKeysRows + 1) + r];
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Kernel 2a (T <= 1024): one warp per expert; the column's keys sit in registers
+// (lane l holds tokens l + 32 i, i < KPL) and the C-th largest key is found bit by
+// bit (below the bits all keys share), counting with the whole warp. Ties: the
+// lowest token indices among the keys equal to it, by ballots in index order.
+
+constexpr int kWarpSelectWarps = 8;
+
+__device__ __forceinline__ int warp_sum(int v) {
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(kFull, v, d);
+  return v;
+}
+
+template <int KPL>
+__global__ void __launch_bounds__(kWarpSelectWarps * 32) warp_select_kernel(Params p) {
+  allow_dependents();
+  wait_for_predecessor();  // before any exit: our completion must imply keys_kernel's
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int e = blockIdx.x * kWarpSelectWarps + warp;
+  if (e >= p.E) return;
+  const int n = read_n(p);
+  const int C = capacity(p, n);
+  if (trivial_threshold(p, e, n, C)) return;  // uniform per warp; lanes write the same
+  const uint32_t* col = p.keys_t + static_cast<long long>(e) * p.T;
+  uint32_t key[KPL];
+  uint32_t lo = 0xffffffffu, hi = 0u;
+#pragma unroll
+  for (int i = 0; i < KPL; ++i) {
+    const int t = lane + 32 * i;
+    key[i] = t < n ? __ldg(col + t) : 0u;
+    if (t < n) {
+      lo = min(lo, key[i]);
+      hi = max(hi, key[i]);
+    }
+  }
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) {
+    lo = min(lo, __shfl_xor_sync(kFull, lo, d));
+    hi = max(hi, __shfl_xor_sync(kFull, hi, d));
+  }
+  const uint32_t diff = lo ^ hi;
+  const int bits = diff ? 32 - __clz(diff) : 0;
+  uint32_t v = bits == 32 ? 0u : (lo & ~((1u << bits) - 1u));  // the bits all keys share
+  for (int b = bits - 1; b >= 0; --b) {  // largest v with count(key >= v) >= C
+    const uint32_t cand = v | (1u << b);
+    int cnt = 0;
+#pragma unroll
+    for (int i = 0; i < KPL; ++i) cnt += (lane + 32 * i < n) && key[i] >= cand;
+    if (warp_sum(cnt) >= C) v = cand;
+  }
+  int greater = 0;
+#pragma unroll
+  for (int i = 0; i < KPL; ++i) greater += (lane + 32 * i < n) && key[i] > v;
+  int need = C - warp_sum(greater);  // >= 1 keys equal to v still to take, lowest t first
+  int tstar = -1;
+  const unsigned lt_mask = (1u << lane) - 1u;
+#pragma unroll
+  for (int i = 0; i < KPL; ++i) {
+    const bool eq = (lane + 32 * i < n) && key[i] == v;
+    const unsigned bal = __ballot_sync(kFull, eq);
+    const int c = __popc(bal);
+    if (tstar < 0 && need <= c) {
+      const unsigned who = __ballot_sync(kFull, eq && __popc(bal & lt_mask) == need - 1);
+      tstar = 32 * i + __ffs(who) - 1;
+    }
+    if (tstar < 0) need -= c;
+  }
+  if (lane == 0) {
+    p.thr_key[e] = v;
+    p.thr_tok[e] = tstar;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Kernel 2b (large T): one block per expert, radix select on the column's keys.
+// The column comes from keys_t (contiguous) or, where that workspace would be too
+// large, is gathered from the logits. It is held in shared memory when it fits
+// (n <= smem_keys), else re-read in every pass (a correct, slower path).
+// Passes: the bits common to the column's min and max are skipped, then digits of
+// up to 12 bits; after the first, few keys still match the prefix.
+
+constexpr int kSelectThreads = 512;
+constexpr int kRadixBits = 12;
+
+__device__ __forceinline__ int block_exclusive_scan(int v, int* swarp, int& total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  int x = v;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    int y = __shfl_up_sync(kFull, x, d);
+    if (lane >= d) x += y;
+  }
+  if (lane == 31) swarp[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < nw ? swarp[lane] : 0;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      int y = __shfl_up_sync(kFull, w, d);
+      if (lane >= d) w += y;
+    }
+    if (lane < nw) swarp[lane] = w;  // inclusive prefix of warp totals
+  }
+  __syncthreads();
+  total = swarp[nw - 1];
+  const int before_warp = warp > 0 ? swarp[warp - 1] : 0;
+  const int r = before_warp + x - v;
+  __syncthreads();  // swarp may be reused by the caller
+  return r;
+}
+
+template <int DT>
+__global__ void __launch_bounds__(kSelectThreads) select_radix_kernel(Params p, int smem_keys) {
+  extern __shared__ uint32_t col[];
+  __shared__ unsigned hist[1 << kRadixBits];
+  __shared__ int swarp[32];
+  __shared__ unsigned s_bin, s_rem, s_min, s_max;
+  __shared__ int s_tok, s_all_equal_taken;
+  allow_dependents();
+  wait_for_predecessor();  // before any exit: our completion must imply keys_kernel's
+  const int e = blockIdx.x;
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int bd = blockDim.x;
+  const int n = read_n(p);
+  const int C = capacity(p, n);
+  if (trivial_threshold(p, e, n, C)) return;  // uniform per block
+  const float b = bias_at(p, e);
+  const bool cached = n <= smem_keys;
+  const uint32_t* gcol = p.keys_t ? p.keys_t + static_cast<long long>(e) * p.T : nullptr;
+
+  auto gather_key = [&](int t) -> uint32_t {
+    const float x = load_val<DT>(p.logits, static_cast<long long>(t) * p.E + e);
+    float s;
+    if (p.sigmoid) {
+      s = sigmoid_score(x);
+    } else {
+      const float2 st = p.stats[t];
+      s = softmax_score(x, st.x, st.y);
+    }
+    return okey(s + b);
+  };
+  auto key_at = [&](int t) -> uint32_t {
+    return cached ? col[t] : (gcol ? __ldg(gcol + t) : gather_key(t));
+  };
+
+  if (tid == 0) {
+    s_min = 0xffffffffu;
+    s_max = 0u;
+    s_all_equal_taken = 0;
+  }
+  uint32_t lo = 0xffffffffu, hi = 0u;
+#pragma unroll 4
+  for (int t = tid; t < n; t += bd) {
+    const uint32_t u = gcol ? __ldg(gcol + t) : gather_key(t);
+    if (cached) col[t] = u;
+    lo = min(lo, u);
+    hi = max(hi, u);
+  }
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) {
+    lo = min(lo, __shfl_xor_sync(kFull, lo, d));
+    hi = max(hi, __shfl_xor_sync(kFull, hi, d));
+  }
+  __syncthreads();  // col and the s_ initialisation
+  if (lane == 0) {
+    atomicMin(&s_min, lo);
+    atomicMax(&s_max, hi);
+  }
+  __syncthreads();
+  const uint32_t diff = s_min ^ s_max;
+  int bits_left = diff ? 32 - __clz(diff) : 0;  // bits below the common prefix
+  uint32_t mask = bits_left == 32 ? 0u : ~((1u << bits_left) - 1u);
+  uint32_t prefix = s_min & mask;
+  unsigned remaining = static_cast<unsigned>(C);  // rank (1-based) still to find
+  while (bits_left > 0) {
+    const int width = bits_left < kRadixBits ? bits_left : kRadixBits;
+    const int shift = bits_left - width;
+    const unsigned nbins = 1u << width;
+    for (unsigned i = tid; i < nbins; i += bd) hist[i] = 0u;
+    __syncthreads();
+    for (int t = tid; t < n; t += bd) {
+      const uint32_t u = key_at(t);
+      if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & (nbins - 1u)], 1u);
+    }
+    __syncthreads();
+    // thread `tid` owns bins [tid * per, tid * per + per); larger bins = larger keys
+    const unsigned per = (nbins + bd - 1) / bd;
+    const unsigned first = tid * per;
+    unsigned local = 0u;
+    for (unsigned j = 0; j < per; ++j)
+      if (first + j < nbins) local += hist[first + j];
+    int total;
+    const int below = block_exclusive_scan(static_cast<int>(local), swarp, total);
+    const unsigned above = static_cast<unsigned>(total - below) - local;  // keys in higher bins
+    if (local > 0u && above < remaining && remaining <= above + local) {
+      unsigned acc = above;
+      for (int j = static_cast<int>(per) - 1; j >= 0; --j) {
+        if (first + j >= nbins) continue;
+        const unsigned h = hist[first + j];
+        if (acc + h >= remaining) {
+          s_bin = first + j;
+          s_rem = remaining - acc;
+          s_all_equal_taken = (shift == 0 && h == remaining - acc) ? 1 : 0;
+          break;
+        }
+        acc += h;
+      }
+    }
+    __syncthreads();
+    prefix |= s_bin << shift;
+    mask |= (nbins - 1u) << shift;
+    remaining = s_rem;
+    bits_left = shift;
+  }
+  // The threshold key is `prefix`; among the keys equal to it, take the `remaining`
+  // lowest token indices. When that is all of them, no scan is needed.
+  if (s_all_equal_taken) {
+    if (tid == 0) {
+      p.thr_key[e] = prefix;
+      p.thr_tok[e] = n;
+    }
+    return;
+  }
+  const int chunk = (n + bd - 1) / bd;
+  const int lo_t = min(n, tid * chunk), hi_t = min(n, lo_t + chunk);
+  int cnt = 0;
+  for (int t = lo_t; t < hi_t; ++t) cnt += (key_at(t) == prefix);
+  int total;
+  const int before = block_exclusive_scan(cnt, swarp, total);
+  if (static_cast<unsigned>(before) < remaining && remaining <= static_cast<unsigned>(before + cnt)) {
+    int need = static_cast<int>(remaining) - before;
+    for (int t = lo_t; t < hi_t; ++t) {
+      if (key_at(t) == prefix && --need == 0) {
+        s_tok = t;
+        break;
+      }
+    }
+  }
+  __syncthreads();
+  if (tid == 0) {
+    p.thr_key[e] = prefix;
+    p.thr_tok[e] = s_tok;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Kernel 3: one warp per token. Lane `l` holds experts e = l + 32 i (i < VPL).
+// Rank of (t, e) in the token's slot order, as an integer (larger = earlier):
+//   bit 43: chosen by e | bits 11..42: okey | bits 0..10: 1024 - e (lower e first)
+// 0 marks "taken or absent".
+// Fast path: when at most 32 experts chose the token (and, for "topk", at least k
+// did), they are compacted into shared memory and each one's slot is its rank
+// among them. Otherwise k rounds of a warp-wide max give the slots in order.
+
+constexpr int kTokenWarps = 4;
+
+// max of v[OFF .. OFF + N) of a register array, as a balanced tree (short chains)
+template <int N, int OFF, int VPL>
+__device__ __forceinline__ unsigned long long max_tree(const unsigned long long (&v)[VPL]) {
+  if constexpr (N == 1) {
+    return v[OFF];
+  } else {
+    const unsigned long long a = max_tree<N / 2, OFF, VPL>(v);
+    const unsigned long long b = max_tree<N / 2, OFF + N / 2, VPL>(v);
+    return a > b ? a : b;
+  }
+}
+
+struct WarpScratch {
+  unsigned long long cand_rank[32];
+  float cand_w[32];
+  float slot_w[32];
+  int slot_id[32];
+};
+
+// Writes row t's k slots. `sc_row` holds the row's scores (S[t, lane + 32 i]);
+// is_chosen(e, key) says whether expert e chose token t.
+template <int VPL, typename ChosenFn>
+__device__ __forceinline__ void route_token(const Params& p, int t, int lane, const float (&sc_row)[VPL],
+                                            WarpScratch& ws, ChosenFn is_chosen) {
+  const int k = p.k;
+  const long long out_base = static_cast<long long>(t) * k;
+  unsigned long long rank[VPL];
+  float score[VPL];
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) {
+    const int e = lane + 32 * i;
+    rank[i] = 0ull;
+    score[i] = 0.0f;
+    if (e < p.E) {
+      const float sc = sc_row[i];
+      const uint32_t key = okey(sc + bias_at(p, e));
+      const bool chosen = is_chosen(e, key);
+      rank[i] = (static_cast<unsigned long long>(chosen) << 43) |
+                (static_cast<unsigned long long>(key) << 11) |
+                static_cast<unsigned long long>(kMaxExperts - e);
+      score[i] = sc;
+    }
+  }
+  // compact the chosen experts
+  const unsigned lt_mask = (1u << lane) - 1u;
+  int num_chosen = 0;
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) {
+    const bool ch = (rank[i] >> 43) != 0ull;
+    const unsigned bal = __ballot_sync(kFull, ch);
+    const int pos = num_chosen + __popc(bal & lt_mask);
+    if (ch && pos < 32) {
+      ws.cand_rank[pos] = rank[i];
+      ws.cand_w[pos] = score[i];
+    }
+    num_chosen += __popc(bal);
+  }
+  float my_w = 0.0f;
+  int my_id = -1;
+  float sum = 0.0f;
+  if (num_chosen <= 32 && (!p.fill_topk || num_chosen >= k)) {
+    __syncwarp();
+    const int used = num_chosen < k ? num_chosen : k;
+    if (lane < num_chosen) {
+      const unsigned long long v = ws.cand_rank[lane];
+      int r = 0;
+      for (int j = 0; j < num_chosen; ++j) r += ws.cand_rank[j] > v;
+      if (r < k) {
+        float w = ws.cand_w[lane];
+        if (w != w) w = 0.0f;  // a NaN score weighs 0
+        ws.slot_w[r] = w;
+        ws.slot_id[r] = kMaxExperts - static_cast<int>(v & 2047ull);
+      }
+    }
+    __syncwarp();
+    for (int j = 0; j < used; ++j) sum += ws.slot_w[j];  // slot order, float32
+    if (lane < used) {
+      my_w = ws.slot_w[lane];
+      my_id = ws.slot_id[lane];
+    }
+    __syncwarp();  // the scratch may be reused for the warp's next token
+  } else {
+    for (int j = 0; j < k; ++j) {
+      unsigned long long best = max_tree<VPL, 0, VPL>(rank);
+#pragma unroll
+      for (int d = 16; d > 0; d >>= 1) {
+        const unsigned long long o = __shfl_xor_sync(kFull, best, d);
+        best = o > best ? o : best;
+      }
+      if (best == 0ull) break;                   // no expert left (uniform)
+      if (!(best >> 43) && !p.fill_topk) break;  // "drop": only kept experts
+      const int e = kMaxExperts - static_cast<int>(best & 2047ull);
+      const int owner = e & 31;
+      float w = 0.0f;
+      if (lane == owner) {
+#pragma unroll
+        for (int i = 0; i < VPL; ++i) {
+          if (rank[i] == best) {
+            w = score[i];
+            rank[i] = 0ull;
+          }
+        }
+      }
+      w = __shfl_sync(kFull, w, owner);
+      if (w != w) w = 0.0f;  // a NaN score weighs 0
+      sum += w;              // slot order, float32, as every path does
+      if (lane == j) {
+        my_w = w;
+        my_id = e;
+      }
+    }
+  }
+  if (p.renorm && sum > 0.0f) my_w = my_w / sum;
+  if (lane < k) {
+    p.out_id[out_base + lane] = my_id;
+    p.out_w[out_base + lane] = my_w;
+  }
+}
+
+__device__ __forceinline__ void write_padding_row(const Params& p, int t, int lane) {
+  const long long out_base = static_cast<long long>(t) * p.k;
+  if (lane < p.k) {
+    p.out_id[out_base + lane] = -1;
+    p.out_w[out_base + lane] = 0.0f;
+  }
+}
+
+template <int DT, int VPL>
+__global__ void __launch_bounds__(kTokenWarps * 32) token_route_kernel(Params p) {
+  __shared__ WarpScratch scratch[kTokenWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int t = blockIdx.x * kTokenWarps + warp;
+  if (t >= p.T) return;  // never a whole block: the others wait below
+  const int n = read_n(p);
+  // the logits are the caller's: load them before waiting for the select kernel
+  float x[VPL];
+  if (t < n) load_row<DT, VPL>(p.logits, t, p.E, lane, x);
+  wait_for_predecessor();  // before any exit: our completion must imply the select's
+  if (t >= n) {  // padding row
+    write_padding_row(p, t, lane);
+    return;
+  }
+  if (p.sigmoid) {
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) x[i] = sigmoid_score(x[i]);
+  } else {
+    const float2 st = p.stats[t];  // from keys_kernel, the same bits as its scores
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) x[i] = softmax_score(x[i], st.x, st.y);
+  }
+  route_token<VPL>(p, t, lane, x, scratch[warp], [&](int e, uint32_t key) {
+    const uint32_t tk = p.thr_key[e];
+    const int tt = p.thr_tok[e];
+    return key > tk || (key == tk && t <= tt);
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Kernel 0 (T <= 32, E <= 512 and T * E <= 16384, decode sizes): one block, one launch.
+// Warp per row: keys into shared memory; thread per expert: its C best tokens as a
+// bit mask (C rounds of a max over at most 32 keys); warp per row again: the slots.
+
+constexpr int kFusedThreads = 512;
+constexpr int kFusedMaxT = 32;
+constexpr int kFusedMaxElems = 16384;  // 64 KiB of keys
+
+template <int DT, int VPL>
+__global__ void __launch_bounds__(kFusedThreads) fused_small_kernel(Params p) {
+  extern __shared__ uint32_t skeys[];  // [n][E]
+  __shared__ uint32_t chosen_mask[kMaxExperts];
+  __shared__ WarpScratch scratch[kFusedThreads / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = kFusedThreads / 32;
+  const int E = p.E;
+  const int n = read_n(p);
+  const int C = capacity(p, n);
+  const bool select = C > 0 && C < n;
+  if (select) {
+    for (int t = warp; t < n; t += nwarps) {
+      float x[VPL], m, s;
+      load_row<DT, VPL>(p.logits, t, E, lane, x);
+      scores_in_place<VPL>(x, E, lane, p.sigmoid, m, s);
+#pragma unroll
+      for (int i = 0; i < VPL; ++i) {
+        const int e = lane + 32 * i;
+        if (e < E) skeys[t * E + e] = okey(x[i] + bias_at(p, e));
+      }
+    }
+  }
+  __syncthreads();
+  const uint32_t all = n == 32 ? 0xffffffffu : ((1u << n) - 1u);
+  for (int e = threadIdx.x; e < E; e += kFusedThreads) {
+    uint32_t mask = C == 0 ? 0u : all;
+    if (select) {
+      mask = 0u;
+      for (int r = 0; r < C; ++r) {  // the best token not yet taken; ties: lower t
+        int best_t = -1;
+        uint32_t best_key = 0u;
+        for (int t = 0; t < n; ++t) {
+          if ((mask >> t) & 1u) continue;
+          const uint32_t u = skeys[t * E + e];
+          if (best_t < 0 || u > best_key) {
+            best_t = t;
+            best_key = u;
+          }
+        }
+        mask |= 1u << best_t;
+      }
+    }
+    chosen_mask[e] = mask;
+  }
+  __syncthreads();
+  for (int t = warp; t < p.T; t += nwarps) {
+    if (t >= n) {
+      write_padding_row(p, t, lane);
+      continue;
+    }
+    float x[VPL], m, s;
+    load_row<DT, VPL>(p.logits, t, E, lane, x);
+    scores_in_place<VPL>(x, E, lane, p.sigmoid, m, s);
+    route_token<VPL>(p, t, lane, x, scratch[warp],
+                     [&](int e, uint32_t) { return ((chosen_mask[e] >> t) & 1u) != 0u; });
+  }
+}
+
+// ---------------------------------------------------------------------------
+// host side
+
+constexpr int kSmemKeysMax = 16384;                  // 64 KiB of keys per select block
+constexpr long long kTransposeMaxElems = 1LL << 24;  // keys_t workspace up to 64 MiB
+
+constexpr int kWarpSelectMaxT = 1024;                // 32 keys per lane
+
+inline bool use_fused(int T, int E, int fused_max) {
+  return T <= kFusedMaxT && E <= 512 && T * E <= fused_max && T * E <= kFusedMaxElems;
+}
+
+inline bool use_transpose(int T, int E, int fused_max) {
+  return !use_fused(T, E, fused_max) && static_cast<long long>(T) * E <= kTransposeMaxElems;
+}
+
+inline int vpl_of(int E) {
+  const int v = (E + 31) / 32;
+  return v <= 2 ? 2 : v <= 4 ? 4 : v <= 8 ? 8 : v <= 16 ? 16 : 32;
+}
+
+// Launch with programmatic stream serialization (PDL) where `pdl`: the kernel may
+// start before its predecessor ends and waits in wait_for_predecessor().
+template <typename... KArgs, typename... Args>
+cudaError_t launch(void (*kernel)(KArgs...), int grid, int block, size_t smem, cudaStream_t stream, bool pdl,
+                   Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(block);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
+template <typename... KArgs>
+cudaError_t allow_smem(void (*kernel)(KArgs...), size_t smem) {
+  if (smem <= 40 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+}
+
+template <int DT, int VPL>
+cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
+  cudaError_t err;
+  const int token_grid = (p.T + kTokenWarps - 1) / kTokenWarps;
+  if constexpr (VPL <= 16) {  // E <= 512: the row's registers fit 512 threads
+    if (use_fused(p.T, p.E, p.fused_max)) {
+      const size_t smem = static_cast<size_t>(p.T) * p.E * sizeof(uint32_t);
+      if ((err = allow_smem(fused_small_kernel<DT, VPL>, smem)) != cudaSuccess) return err;
+      return launch(fused_small_kernel<DT, VPL>, 1, kFusedThreads, smem, stream, false, p);
+    }
+  }
+  if (p.sigmoid) p.stats = nullptr;
+  if (!use_transpose(p.T, p.E, p.fused_max)) p.keys_t = nullptr;  // the select kernel gathers its column
+  if (p.keys_t != nullptr || !p.sigmoid) {           // keys and/or statistics
+    const size_t tile = p.keys_t ? static_cast<size_t>(p.E) * (kKeysRows + 1) * sizeof(uint32_t) : 0;
+    if ((err = allow_smem(keys_kernel<DT, VPL>, tile)) != cudaSuccess) return err;
+    err = launch(keys_kernel<DT, VPL>, (p.T + kKeysRows - 1) / kKeysRows, kKeysRows * 32, tile, stream, false, p);
+    if (err != cudaSuccess) return err;
+  }
+  // warp-per-expert select: measured faster up to T = 256, and up to 1024 at E >= 512
+  if (p.keys_t != nullptr && (p.T <= 256 || (p.T <= kWarpSelectMaxT && p.E >= 512))) {
+    const int grid = (p.E + kWarpSelectWarps - 1) / kWarpSelectWarps;
+    if (p.T <= 256) err = launch(warp_select_kernel<8>, grid, kWarpSelectWarps * 32, 0, stream, pdl, p);
+    else err = launch(warp_select_kernel<32>, grid, kWarpSelectWarps * 32, 0, stream, pdl, p);
+    if (err != cudaSuccess) return err;
+    return launch(token_route_kernel<DT, VPL>, token_grid, kTokenWarps * 32, 0, stream, pdl, p);
+  }
+  const int smem_keys = p.T < kSmemKeysMax ? p.T : kSmemKeysMax;
+  const size_t smem = static_cast<size_t>(smem_keys) * sizeof(uint32_t);
+  if ((err = cudaFuncSetAttribute(select_radix_kernel<DT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(smem))) != cudaSuccess)
+    return err;
+  err = launch(select_radix_kernel<DT>, p.E, kSelectThreads, smem, stream, pdl, p, smem_keys);
+  if (err != cudaSuccess) return err;
+  return launch(token_route_kernel<DT, VPL>, token_grid, kTokenWarps * 32, 0, stream, pdl, p);
+}
+
+template <int DT>
+cudaError_t launch_all(const Params& p, cudaStream_t stream, bool pdl) {
+  switch (vpl_of(p.E)) {
+    case 2: return launch_vpl<DT, 2>(p, stream, pdl);
+    case 4: return launch_vpl<DT, 4>(p, stream, pdl);
+    case 8: return launch_vpl<DT, 8>(p, stream, pdl);
+    case 16: return launch_vpl<DT, 16>(p, stream, pdl);
+    default: return launch_vpl<DT, 32>(p, stream, pdl);
+  }
+}
+
+}  // namespace ec
+
+extern "C" {
+
+// Version of this C interface; the Python side checks it after loading.
+int ec_abi_version() { return 4; }
+
+// Bytes of device workspace for T tokens and E experts: row statistics [T], the
+// thresholds [E] twice, and outside the one-launch path (up to 2^24 elements) the
+// transposed keys.
+long long ec_workspace_bytes(int T, int E, int fused_max) {
+  long long bytes = static_cast<long long>(T) * 8 + static_cast<long long>(E) * 8 + 256;
+  if (ec::use_transpose(T, E, fused_max)) bytes += static_cast<long long>(T) * E * 4;
+  return bytes;
+}
+
+const char* ec_error_string(int code) {
+  if (code == -1) return "unsupported shape: E must be in [1, 1024] and k in [1, min(E, 32)]";
+  if (code == -2) return "unsupported dtype";
+  if (code == -3) return "could not select the CUDA device";
+  return cudaGetErrorString(static_cast<cudaError_t>(code));
+}
+
+// Routes `T` rows of `logits` ([T, E], contiguous; dtype 0 = float32, 1 = bfloat16,
+// 2 = float16). `n_ptr` (device int32/int64 scalar, may be null: then n_host) is the
+// number of valid rows. `workspace` holds ec_workspace_bytes(T, E) bytes. Writes
+// out_w [T, k] float32 and out_id [T, k] int32. `pdl_enabled` lets the second and third
+// kernels start early (programmatic dependent launch, sm_90+); `fused_max` is the
+// largest T * E routed by the one-launch kernel. Returns 0 or an error code (see
+// ec_error_string).
+int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bias, int bias_dtype,
+             const void* n_ptr, int n_is_64, long long n_host, long long cf_num, long long cf_den,
+             int sigmoid, int fill_topk, int renorm, void* workspace, float* out_w, int* out_id,
+             int device, void* stream, int pdl_enabled, int fused_max) {
+  if (E < 1 || E > ec::kMaxExperts || k < 1 || k > E || k > ec::kMaxTopK) return -1;
+  if (T <= 0) return 0;
+  int prev = -1;
+  if (cudaGetDevice(&prev) != cudaSuccess) return -3;
+  if (prev != device && cudaSetDevice(device) != cudaSuccess) return -3;
+  ec::Params p;
+  p.logits = logits;
+  p.dtype = dtype;
+  p.T = T;
+  p.E = E;
+  p.k = k;
+  p.bias = bias;
+  p.bias_dtype = bias_dtype;
+  p.n_ptr = n_ptr;
+  p.n_is_64 = n_is_64;
+  p.n_host = n_host;
+  p.cf_num = cf_num;
+  p.cf_den = cf_den;
+  p.sigmoid = sigmoid;
+  p.fill_topk = fill_topk;
+  p.renorm = renorm;
+  p.fused_max = fused_max;
+  char* ws = static_cast<char*>(workspace);
+  const long long off_thr = static_cast<long long>(T) * 8;
+  const long long off_keys = (off_thr + static_cast<long long>(E) * 8 + 255) / 256 * 256;
+  p.stats = reinterpret_cast<float2*>(ws);
+  p.thr_key = reinterpret_cast<uint32_t*>(ws + off_thr);
+  p.thr_tok = reinterpret_cast<int*>(ws + off_thr + static_cast<long long>(E) * 4);
+  p.keys_t = ec::use_transpose(T, E, fused_max) ? reinterpret_cast<uint32_t*>(ws + off_keys) : nullptr;
+  p.out_w = out_w;
+  p.out_id = out_id;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  int major = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  // PDL measured a gain up to a few thousand tokens and at E >= 512; a loss at
+  // T = 4096 with E <= 256 (dependents holding SM slots while the select runs)
+  const bool pdl = major >= 9 && pdl_enabled && (T <= 2048 || E >= 512);
+  cudaError_t err;
+  if (dtype == ec::kDtF32) err = ec::launch_all<ec::kDtF32>(p, s, pdl);
+  else if (dtype == ec::kDtBf16) err = ec::launch_all<ec::kDtBf16>(p, s, pdl);
+  else if (dtype == ec::kDtF16) err = ec::launch_all<ec::kDtF16>(p, s, pdl);
+  else err = static_cast<cudaError_t>(-2);
+  if (prev != device) cudaSetDevice(prev);
+  return static_cast<int>(err);
+}
+
+}  // extern "C"
