@@ -149,7 +149,7 @@ def enable(
 
     if vendor is not None:
         # Install where a file was (or, with --dry-run, would be) written; also where patched
-        # files lack the package, or where new settings were given.
+        # files lack the package or hold an older one, or where new settings were given.
         by_root: dict[Optional[Path], list[_Outcome]] = {}
         for outcome in report.ended_patched:
             by_root.setdefault(_root_of(outcome.path), []).append(outcome)
@@ -159,7 +159,9 @@ def enable(
                     hint="patch the file inside an SGLang tree (sglang/srt/models/...)")
         for root, outcomes in by_root.items():
             touched = any(o.written or (dry_run and o.changed) for o in outcomes)
-            if touched or vendor.vendored_info(root) is None or min_tokens is not None or layers is not None:
+            info = vendor.vendored_info(root)
+            outdated = info is None or not getattr(info, "up_to_date", True)
+            if touched or outdated or min_tokens is not None or layers is not None:
                 message = _install(vendor, root, min_tokens=min_tokens, layers=layers, dry_run=dry_run)
                 ui.info(f"{pfiles.display_path(root)}: {message}")
     _finish(report, diff=diff, check=check, dry_run=dry_run)

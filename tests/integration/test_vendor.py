@@ -221,8 +221,6 @@ def test_status_says_when_the_vendored_package_is_older_and_enable_updates_it(tr
 
 
 
-@pytest.mark.xfail(strict=True, reason="cli.enable reinstalls only when a file was written or nothing is vendored; "
-                   "it must also when vendored_info(root).up_to_date is False (asked of the CLI area)")
 def test_enable_again_on_a_patched_file_updates_an_older_vendored_package(tree):
     model = tree / "srt" / "models" / "tiny_moe.py"
     model.write_text(MODEL)
