@@ -43,7 +43,7 @@ __all__ = [
 
 MAX_EXPERTS = 1024
 MAX_TOP_K = 32
-FUSED_MAX_DEFAULT = 16384  # largest T * E routed in one launch (T <= 64, E <= 512)
+FUSED_MAX_DEFAULT = 16384  # largest T * E routed in one launch (T <= 32, E <= 512)
 
 _DTYPE_CODES = {"torch.float32": 0, "torch.bfloat16": 1, "torch.float16": 2}
 _load_lock = threading.Lock()
