@@ -174,13 +174,15 @@ def capacity_fraction(capacity_factor: float, num_experts: int) -> tuple:
 def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renormalize=True,
                             scoring_func="softmax", correction_bias=None, num_token_non_padded=None,
                             fill="drop", out=None):
-    """Expert-choice routing on the GPU (ROUTING.md), in 2 or 3 kernel launches.
+    """Expert-choice routing on the GPU (ROUTING.md): one launch for decode sizes, else three.
 
     router_logits: [T, E] float32/bfloat16/float16 CUDA tensor (other float dtypes are
     upcast). Returns (topk_weights [T, k] float32, topk_ids [T, k] int32). Launches on
     the current stream with no host sync: `num_token_non_padded` given as a CUDA
     tensor is read on the device, so the call can be captured in a CUDA graph.
     `out=(weights, ids)` writes into given tensors (tests poison them first).
+    Knobs, read per call: SGL_ECPATCH_KERNEL_PDL=0 (no programmatic dependent launch),
+    SGL_ECPATCH_KERNEL_FUSED_MAX (largest T * E of the one-launch path).
     Raises ValueError for bad arguments, NotImplementedError for E > 1024 or
     top_k > 32, RuntimeError when the kernel cannot be loaded or launched.
     """

@@ -9,8 +9,9 @@ with `torch.utils.cpp_extension.load(is_python_module=False)` on first use, into
 where <key> hashes the sources, the compiler flags, the torch and CUDA versions and
 the GPU arch. A file lock (fcntl) next to that folder makes the tensor-parallel ranks
 of one server build once: the first rank builds, the others wait and load. A build
-is complete once `build.json` is written; a cached load only opens the shared
-library (no compiler, no ninja run), which takes milliseconds.
+is complete once `build.json` is written; a cached load only hashes the sources and
+opens the shared library (no compiler, no ninja run): 0.26 s in a fresh process on
+the H200 machine, against 15-17 s for a cold build.
 """
 
 from __future__ import annotations
