@@ -14,7 +14,8 @@ qwen3_moe-like router (128 experts). For each routing backend ("auto": the CUDA 
 when it builds, and "torch") and each runner policy (Triton keeps -1 in vacant slots;
 no runner bound fills them), it captures ``forward_cuda`` with a device-side
 ``num_token_non_padded`` in a CUDA graph, replays it on fresh logits with several
-padding counts, and compares ids and weights bit for bit with the reference routing.
+padding counts, and compares them with the reference routing (computed on the CPU): ids exactly,
+weights bit for bit on the CPU and within 1e-6 on the GPU (CPU and GPU exp differ in the last bit).
 Without a GPU the same sequence runs eagerly through ``forward_native`` on the CPU
 (`test_same_sequence_eagerly_on_cpu`, in CI), so the script itself is tested everywhere.
 """
@@ -90,7 +91,11 @@ CHECK = textwrap.dedent("""
                 weights, ids = expected(fresh, n, keep_vacant=runner is not None)
                 what = f"backend={backend} runner={runner} n={n}"
                 assert torch.equal(out.topk_ids.cpu(), ids), what + " ids"
-                assert torch.equal(out.topk_weights.cpu(), weights), what + " weights"
+                if ON_GPU:  # GPU vs CPU float32 exp differ in the last bit: ROUTING's 1e-6 (issue 5)
+                    error = (out.topk_weights.cpu() - weights).abs().max().item()
+                    assert error <= 1e-6, what + f" weights differ by {error}"
+                else:
+                    assert torch.equal(out.topk_weights, weights), what + " weights"
                 assert (out.topk_ids[n:] == -1).all() and (out.topk_weights[n:] == 0).all(), what + " padding"
             print("PASS", backend, runner, flush=True)
 """)
