@@ -156,7 +156,8 @@ def enable(
         for outcome in by_root.pop(None, []):
             ui.warn(f"{pfiles.display_path(outcome.path)}: not inside an SGLang tree, so the vendored "
                     "expert-choice package could not be installed; the file will not import until it is",
-                    hint="patch the file inside an SGLang tree (sglang/srt/models/...)")
+                    hint="patch the file inside an SGLang tree: a package folder named sglang that holds "
+                         "srt/layers/moe/topk.py (e.g. site-packages/sglang or a checkout's python/sglang)")
         for root, outcomes in by_root.items():
             touched = any(o.written or (dry_run and o.changed) for o in outcomes)
             info = vendor.vendored_info(root)
