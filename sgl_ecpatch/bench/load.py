@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..runtime.scoring import routing_scores
+
 ROUTING_METHODS = ("token-choice", "ec-drop", "ec-topk")
 
 
@@ -124,12 +126,8 @@ def load_stats(
 
 
 def scores_of(router_logits: torch.Tensor, scoring_func: str = "softmax") -> torch.Tensor:
-    logits = router_logits.float()
-    if scoring_func == "softmax":
-        return torch.softmax(logits, dim=-1)
-    if scoring_func == "sigmoid":
-        return torch.sigmoid(logits)
-    raise ValueError(f"scoring_func must be 'softmax' or 'sigmoid', got {scoring_func!r}")
+    """Router scores S [T, E] float32, computed exactly as the routing computes them."""
+    return routing_scores(router_logits, scoring_func)
 
 
 def token_choice(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = True):
