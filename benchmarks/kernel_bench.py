@@ -265,14 +265,23 @@ def main() -> int:
 
     methods["kernel_no_pdl"] = kernel_no_pdl
 
-    def kernel_fused_4k(x, k):
-        os.environ["SGL_ECPATCH_KERNEL_FUSED_MAX"] = "4096"
+    def kernel_no_cluster(x, k):
+        os.environ["SGL_ECPATCH_KERNEL_CLUSTER_MAX_T"] = "0"
+        try:
+            return kernel.expert_choice_topk_cuda(x, k)
+        finally:
+            os.environ.pop("SGL_ECPATCH_KERNEL_CLUSTER_MAX_T", None)
+
+    methods["kernel_no_cluster"] = kernel_no_cluster
+
+    def kernel_no_fused(x, k):
+        os.environ["SGL_ECPATCH_KERNEL_FUSED_MAX"] = "0"
         try:
             return kernel.expert_choice_topk_cuda(x, k)
         finally:
             os.environ.pop("SGL_ECPATCH_KERNEL_FUSED_MAX", None)
 
-    methods["kernel_fused4k"] = kernel_fused_4k
+    methods["kernel_no_fused"] = kernel_no_fused
 
     if args.profile:
         profile_kernels(kernel)
@@ -311,9 +320,9 @@ def main() -> int:
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s; cold build {result.get('cold_build_s')} s; "
           f"cached load {result.get('cached_load_s')} s")
     print()
-    print("| E | k | T | SGLang router | seed dense | fast torch | kernel | kernel (no PDL) | kernel (fused <= 4096) "
+    print("| E | k | T | SGLang router | seed dense | fast torch | kernel | kernel (no PDL) | kernel (no cluster) | kernel (no fused) "
           "| kernel / SGLang | seed / kernel | byte floor |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
     def f(v):
         return "n/a" if v is None else f"{v:.1f}"
@@ -322,7 +331,7 @@ def main() -> int:
         ratio = r["kernel"] / r["sglang"] if r.get("sglang") and r.get("kernel") else None
         speedup = r["seed"] / r["kernel"] if r.get("seed") and r.get("kernel") else None
         print(f"| {r['E']} | {r['k']} | {r['T']} | {f(r.get('sglang'))} | {f(r.get('seed'))} | "
-              f"{f(r.get('torch'))} | {f(r.get('kernel'))} | {f(r.get('kernel_no_pdl'))} | {f(r.get('kernel_fused4k'))} | "
+              f"{f(r.get('torch'))} | {f(r.get('kernel'))} | {f(r.get('kernel_no_pdl'))} | {f(r.get('kernel_no_cluster'))} | {f(r.get('kernel_no_fused'))} | "
               f"{'n/a' if ratio is None else f'{ratio:.2f}x'} | {'n/a' if speedup is None else f'{speedup:.1f}x'} | "
               f"{r['floor_us']:.2f} |")
     return 0

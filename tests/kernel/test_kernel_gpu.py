@@ -280,6 +280,22 @@ def test_small_batches_without_the_fused_kernel(kernel, monkeypatch, T, E, k):
         check(kernel, random_logits(T, E, torch.bfloat16), k, f"unfused T={T} E={E} {fill}", fill=fill)
 
 
+@pytest.mark.parametrize("T", [33, 64, 300, 1024])
+@pytest.mark.parametrize("E,k", [(60, 4), (512, 10)])
+def test_mid_batches_without_the_cluster_kernel(kernel, monkeypatch, T, E, k):
+    monkeypatch.setenv("SGL_ECPATCH_KERNEL_CLUSTER_MAX_T", "0")  # the three-launch path
+    for fill in ("drop", "topk"):
+        check(kernel, random_logits(T, E, torch.bfloat16), k, f"no cluster T={T} E={E} {fill}", fill=fill)
+
+
+@pytest.mark.parametrize("T", [100, 256])
+def test_cluster_kernel_padding_and_sigmoid(kernel, T):
+    logits = random_logits(T, 256, torch.bfloat16)
+    check(kernel, logits, 8, "cluster padding", num_token_non_padded=torch.tensor(T // 3 + 1, device="cuda"))
+    check(kernel, logits, 8, "cluster sigmoid", scoring_func="sigmoid",
+          correction_bias=torch.randn(256, device="cuda") * 0.01)
+
+
 def test_without_programmatic_dependent_launch(kernel, monkeypatch):
     monkeypatch.setenv("SGL_ECPATCH_KERNEL_PDL", "0")
     logits = random_logits(2048, 256, torch.bfloat16)

@@ -44,6 +44,7 @@ __all__ = [
 MAX_EXPERTS = 1024
 MAX_TOP_K = 32
 FUSED_MAX_DEFAULT = 16384  # largest T * E routed in one launch (T <= 32, E <= 512)
+CLUSTER_MAX_T_DEFAULT = 256  # largest T routed by the one-cluster launch (sm_90+, E <= 256; at most 256)
 
 _DTYPE_CODES = {"torch.float32": 0, "torch.bfloat16": 1, "torch.float16": 2}
 _load_lock = threading.Lock()
@@ -174,7 +175,8 @@ def capacity_fraction(capacity_factor: float, num_experts: int) -> tuple:
 def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renormalize=True,
                             scoring_func="softmax", correction_bias=None, num_token_non_padded=None,
                             fill="drop", out=None):
-    """Expert-choice routing on the GPU (ROUTING.md): one launch for decode sizes, else three.
+    """Expert-choice routing on the GPU (ROUTING.md): one launch up to T = 32 (one block) and,
+    on sm_90+, up to T = 256 with E <= 256 (one thread-block cluster); else three.
 
     router_logits: [T, E] float32/bfloat16/float16 CUDA tensor (other float dtypes are
     upcast). Returns (topk_weights [T, k] float32, topk_ids [T, k] int32). Launches on
@@ -182,7 +184,8 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
     tensor is read on the device, so the call can be captured in a CUDA graph.
     `out=(weights, ids)` writes into given tensors (tests poison them first).
     Knobs, read per call: SGL_ECPATCH_KERNEL_PDL=0 (no programmatic dependent launch),
-    SGL_ECPATCH_KERNEL_FUSED_MAX (largest T * E of the one-launch path).
+    SGL_ECPATCH_KERNEL_FUSED_MAX (largest T * E of the one-launch path),
+    SGL_ECPATCH_KERNEL_CLUSTER_MAX_T (largest T of the one-cluster path on sm_90+; 0: off).
     Raises ValueError for bad arguments, NotImplementedError for E > 1024 or
     top_k > 32, RuntimeError when the kernel cannot be loaded or launched.
     """
@@ -250,6 +253,7 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
     # tuning knobs, read per call (a captured graph keeps the choice made at capture)
     pdl = int(os.environ.get("SGL_ECPATCH_KERNEL_PDL", "1") != "0")
     fused_max = int(os.environ.get("SGL_ECPATCH_KERNEL_FUSED_MAX", str(FUSED_MAX_DEFAULT)))
+    cluster_max_t = int(os.environ.get("SGL_ECPATCH_KERNEL_CLUSTER_MAX_T", str(CLUSTER_MAX_T_DEFAULT)))
     workspace = torch.empty(int(lib.ec_workspace_bytes(num_tokens, num_experts, fused_max)), dtype=torch.uint8,
                             device=device)
     stream = torch.cuda.current_stream(device).cuda_stream
@@ -261,7 +265,7 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
         int(scoring_func == "sigmoid"), int(fill == "topk"), int(bool(renormalize)),
         workspace.data_ptr(), weights.data_ptr(), ids.data_ptr(),
         device.index if device.index is not None else torch.cuda.current_device(), stream,
-        pdl, fused_max,
+        pdl, fused_max, cluster_max_t,
     )
     if rc != 0:
         raise RuntimeError(f"expert-choice kernel launch failed: {lib.ec_error_string(rc).decode()}")

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).resolve().parent
 SOURCES = ("expert_choice.cu",)
-ABI_VERSION = 4  # must match ec_abi_version() in expert_choice.cu
+ABI_VERSION = 5  # must match ec_abi_version() in expert_choice.cu
 BASE_CUDA_FLAGS = ("-O3", "-lineinfo", "-std=c++17")
 LIB_STEM = "sgl_ecpatch_expert_choice"
 
@@ -268,5 +268,6 @@ def open_library(path: Path):
         c.c_int, c.c_int, c.c_int,  # sigmoid, fill_topk, renorm
         c.c_void_p, c.c_void_p, c.c_void_p,  # workspace, out_w, out_id
         c.c_int, c.c_void_p, c.c_int, c.c_int,  # device, stream, PDL allowed, fused max T*E
+        c.c_int,  # largest T of the one-cluster path
     ]
     return lib

@@ -23,6 +23,7 @@
 //     a warp-wide max.
 // Launches (all on the caller's stream, no host sync, n read on the device):
 //   T <= 32, E <= 512, T*E <= 16384:  fused_small (one block, one launch)
+//   T <= 256, E <= 256, sm_90+: cluster_route (one cluster of 16 blocks, one launch)
 //   T <= 1024:   keys (stats, keys transposed) -> warp_select -> token_route
 //   larger T:    keys -> select_radix (one block per expert) -> token_route
 //   (T*E > 2^24: no transposed keys; select_radix gathers its column)
@@ -32,6 +33,7 @@
 
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
+#include <cooperative_groups.h>
 #include <stdint.h>
 
 namespace ec {
@@ -147,6 +149,7 @@ struct Params {
   int fill_topk;
   int renorm;
   int fused_max;       // largest T * E for the one-launch path
+  int cluster_max_t;   // largest T for the one-cluster path (0: off; sm_90+ only)
   float2* stats;       // [T] (m, s) of softmax rows; null: recompute per row
   uint32_t* keys_t;    // [E, T] ordered keys, transposed; null: select gathers them
   uint32_t* thr_key;   // [E]
@@ -667,6 +670,166 @@ __global__ void __launch_bounds__(kTokenWarps * 32) token_route_kernel(Params p)
 }
 
 // ---------------------------------------------------------------------------
+// Kernel C (32 < T <= 256, E <= 256, sm_90+): one launch of one thread-block cluster
+// of nb = 16 blocks of 16 warps (8 blocks, T <= 128, where 16 cannot run). Block b owns
+// rows [b R, b R + R), R = ceil(T / nb) <= 16: one row per warp.
+// Phase 1: the warp's row's scores (kept in registers until phase 3); its keys go to
+// the block's shared memory, transposed ([E][R + 1]). cluster.sync().
+// Phase 2, warp per expert (EPW experts per warp, their bisections interleaved): the
+// column's keys are read from the blocks' shared memory (distributed shared memory),
+// the threshold is found as in warp_select_kernel (with redux.sync sums) and written
+// into every block's shared memory. cluster.sync().
+// Phase 3: the warp's row's slots, thresholds read locally.
+// No block touches another's shared memory after the second barrier, so a block may
+// exit while the others finish.
+// v7a (measured, reverted) gave each warp up to 4 rows (R rounded up to 32, T <= 1024):
+// the rows' latency chains ran in series and it was 1.1-2.6x slower than three launches.
+
+constexpr int kClusterWarps = 16;
+constexpr int kClusterMaxT = 256;
+constexpr int kClusterKPL = 8;  // keys per lane in phase 2: T <= 256
+
+inline int cluster_rows(int T, int nb) { return (T + nb - 1) / nb; }
+
+inline size_t cluster_smem(int T, int E, int nb) {
+  const int R = cluster_rows(T, nb);
+  return (static_cast<size_t>(E) * (R + 1) + 2 * static_cast<size_t>(E)) * 4;
+}
+
+template <int DT, int VPL, int EPW>
+__global__ void __launch_bounds__(kClusterWarps * 32, 1) cluster_route_kernel(Params p, int R, int nb) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  constexpr int KPL = kClusterKPL;
+  extern __shared__ uint32_t csm[];
+  __shared__ WarpScratch scratch[kClusterWarps];
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int E = p.E, stride = R + 1;
+  uint32_t* skeys = csm;                                 // [E][R + 1]
+  uint32_t* sthr_key = csm + E * stride;                 // [E]
+  int* sthr_tok = reinterpret_cast<int*>(sthr_key + E);  // [E]
+  const int n = read_n(p);
+  const int C = capacity(p, n);
+  const int t = rank * R + warp;  // this warp's row
+  const bool row_valid = warp < R && t < n;
+  // phase 1: the row's scores (registers) and keys (shared memory)
+  float x[VPL];
+  if (row_valid) {
+    float m, s;
+    load_row<DT, VPL>(p.logits, t, E, lane, x);
+    scores_in_place<VPL>(x, E, lane, p.sigmoid, m, s);
+    if (C > 0 && C < n) {
+#pragma unroll
+      for (int i = 0; i < VPL; ++i) {
+        const int e = lane + 32 * i;
+        if (e < E) skeys[e * stride + warp] = okey(x[i] + bias_at(p, e));
+      }
+    }
+  }
+  cluster.sync();
+  // phase 2: per expert, the C-th largest (key, -token) of its column
+  const int e0 = rank * kClusterWarps + warp, estep = nb * kClusterWarps;
+  if (e0 < E) {
+    uint32_t v[EPW];
+    int tstar[EPW];
+    if (C == 0 || C >= n) {
+#pragma unroll
+      for (int j = 0; j < EPW; ++j) {
+        v[j] = C == 0 ? 0xffffffffu : 0u;
+        tstar[j] = C == 0 ? -1 : n;
+      }
+    } else {
+      uint32_t key[EPW][KPL];
+      int bits[EPW];
+#pragma unroll
+      for (int j = 0; j < EPW; ++j) {
+        const int e = e0 + j * estep;
+        uint32_t lo = 0xffffffffu, hi = 0u;
+#pragma unroll
+        for (int i = 0; i < KPL; ++i) {
+          const int tt = lane + 32 * i;
+          key[j][i] = 0u;
+          if (e < E && tt < n) {
+            const int blk = tt / R;
+            key[j][i] = cluster.map_shared_rank(skeys, blk)[e * stride + (tt - blk * R)];
+            lo = min(lo, key[j][i]);
+            hi = max(hi, key[j][i]);
+          }
+        }
+        lo = __reduce_min_sync(kFull, lo);  // redux.sync: one instruction on sm_80+
+        hi = __reduce_max_sync(kFull, hi);
+        const uint32_t diff = lo ^ hi;
+        bits[j] = (e < E && diff) ? 32 - __clz(diff) : 0;
+        v[j] = bits[j] == 32 ? 0u : (lo & ~((1u << bits[j]) - 1u));
+      }
+      int maxbits = bits[0];
+#pragma unroll
+      for (int j = 1; j < EPW; ++j) maxbits = max(maxbits, bits[j]);
+      for (int b = maxbits - 1; b >= 0; --b) {  // largest v with count(key >= v) >= C
+#pragma unroll
+        for (int j = 0; j < EPW; ++j) {
+          if (b < bits[j]) {  // uniform per warp
+            const uint32_t cand = v[j] | (1u << b);
+            int cnt = 0;
+#pragma unroll
+            for (int i = 0; i < KPL; ++i) cnt += (lane + 32 * i < n) && key[j][i] >= cand;
+            if (static_cast<int>(__reduce_add_sync(kFull, static_cast<unsigned>(cnt))) >= C) v[j] = cand;
+          }
+        }
+      }
+      const unsigned lt_mask = (1u << lane) - 1u;
+#pragma unroll
+      for (int j = 0; j < EPW; ++j) {
+        int greater = 0;
+#pragma unroll
+        for (int i = 0; i < KPL; ++i) greater += (lane + 32 * i < n) && key[j][i] > v[j];
+        int need = C - static_cast<int>(__reduce_add_sync(kFull, static_cast<unsigned>(greater)));
+        tstar[j] = -1;
+#pragma unroll
+        for (int i = 0; i < KPL; ++i) {
+          const bool eq = (lane + 32 * i < n) && key[j][i] == v[j];
+          const unsigned bal = __ballot_sync(kFull, eq);
+          const int c = __popc(bal);
+          if (tstar[j] < 0 && need <= c) {
+            const unsigned who = __ballot_sync(kFull, eq && __popc(bal & lt_mask) == need - 1);
+            tstar[j] = 32 * i + __ffs(who) - 1;
+          }
+          if (tstar[j] < 0) need -= c;
+        }
+      }
+    }
+    if (lane < nb) {  // lane b writes block b's copy
+      uint32_t* dk = cluster.map_shared_rank(sthr_key, lane);
+      int* dt = cluster.map_shared_rank(sthr_tok, lane);
+#pragma unroll
+      for (int j = 0; j < EPW; ++j) {
+        const int e = e0 + j * estep;
+        if (e < E) {
+          dk[e] = v[j];
+          dt[e] = tstar[j];
+        }
+      }
+    }
+  }
+  cluster.sync();
+  // phase 3: the slots of this warp's row
+  if (warp < R && t < p.T) {
+    if (t >= n) {
+      write_padding_row(p, t, lane);
+    } else {
+      route_token<VPL>(p, t, lane, x, scratch[warp], [&](int e, uint32_t key) {
+        const uint32_t tk = sthr_key[e];
+        const int tt = sthr_tok[e];
+        return key > tk || (key == tk && t <= tt);
+      });
+    }
+  }
+#endif
+}
+
+// ---------------------------------------------------------------------------
 // Kernel 0 (T <= 32, E <= 512 and T * E <= 16384, decode sizes): one block, one launch.
 // Warp per row: keys into shared memory; thread per expert: its C best tokens as a
 // bit mask (C rounds of a max over at most 32 keys); warp per row again: the slots.
@@ -780,6 +943,55 @@ cudaError_t allow_smem(void (*kernel)(KArgs...), size_t smem) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
 }
 
+// One-cluster launch (kernel C) of nb blocks. Whether such a cluster with this much
+// shared memory can run at all is asked once per kernel, cluster size and shared-memory
+// size (cached per process; the answer is the same for every card of one model).
+// Returns false, with nothing launched, where it cannot.
+template <int DT, int VPL, int EPW, int NB>
+bool launch_cluster_nb(const Params& p, cudaStream_t stream, cudaError_t& err) {
+  void (*kernel)(Params, int, int) = cluster_route_kernel<DT, VPL, EPW>;
+  static size_t ok_upto = 0, bad_from = ~static_cast<size_t>(0);
+  const int R = cluster_rows(p.T, NB);
+  const size_t smem = cluster_smem(p.T, p.E, NB);
+  if (R > kClusterWarps || p.E > EPW * NB * kClusterWarps) return false;  // one row per warp
+  if (smem >= bad_from || smem + sizeof(WarpScratch) * kClusterWarps > 227 * 1024) return false;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
+          cudaSuccess ||
+      (NB > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)) {
+    cudaGetLastError();
+    bad_from = smem;
+    return false;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(NB);
+  cfg.blockDim = dim3(kClusterWarps * 32);
+  cfg.dynamicSmemBytes = smem;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = NB;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  if (smem > ok_upto) {
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters < 1) {
+      cudaGetLastError();
+      bad_from = smem;
+      return false;
+    }
+    ok_upto = smem;
+  }
+  cfg.stream = stream;
+  err = cudaLaunchKernelEx(&cfg, kernel, p, R, NB);
+  return true;
+}
+
+template <int DT, int VPL, int EPW>
+bool launch_cluster(const Params& p, cudaStream_t stream, cudaError_t& err) {
+  return launch_cluster_nb<DT, VPL, EPW, 16>(p, stream, err) || launch_cluster_nb<DT, VPL, EPW, 8>(p, stream, err);
+}
+
 template <int DT, int VPL>
 cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
   cudaError_t err;
@@ -789,6 +1001,14 @@ cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
       const size_t smem = static_cast<size_t>(p.T) * p.E * sizeof(uint32_t);
       if ((err = allow_smem(fused_small_kernel<DT, VPL>, smem)) != cudaSuccess) return err;
       return launch(fused_small_kernel<DT, VPL>, 1, kFusedThreads, smem, stream, false, p);
+    }
+    // E > 256 (two experts per warp, EPW = 2) measured slower at T = 256 (24.9 vs 22.0 µs)
+    // and 0.8 µs faster at T = 64 (21.1 vs 21.9): left to the three launches (run 9, H200)
+    if constexpr (VPL <= 8) {
+      if (p.T <= p.cluster_max_t && p.T <= kClusterMaxT) {
+        err = cudaSuccess;
+        if (launch_cluster<DT, VPL, 1>(p, stream, err)) return err;
+      }
     }
   }
   if (p.sigmoid) p.stats = nullptr;
@@ -833,7 +1053,7 @@ cudaError_t launch_all(const Params& p, cudaStream_t stream, bool pdl) {
 extern "C" {
 
 // Version of this C interface; the Python side checks it after loading.
-int ec_abi_version() { return 4; }
+int ec_abi_version() { return 5; }
 
 // Bytes of device workspace for T tokens and E experts: row statistics [T], the
 // thresholds [E] twice, and outside the one-launch path (up to 2^24 elements) the
@@ -856,12 +1076,13 @@ const char* ec_error_string(int code) {
 // number of valid rows. `workspace` holds ec_workspace_bytes(T, E) bytes. Writes
 // out_w [T, k] float32 and out_id [T, k] int32. `pdl_enabled` lets the second and third
 // kernels start early (programmatic dependent launch, sm_90+); `fused_max` is the
-// largest T * E routed by the one-launch kernel. Returns 0 or an error code (see
-// ec_error_string).
+// largest T * E routed by the one-launch kernel; `cluster_max_t` the largest T routed
+// by the one-cluster kernel (sm_90+, E <= 256, T <= 256; 0 turns it off). Returns 0 or
+// an error code (see ec_error_string).
 int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bias, int bias_dtype,
              const void* n_ptr, int n_is_64, long long n_host, long long cf_num, long long cf_den,
              int sigmoid, int fill_topk, int renorm, void* workspace, float* out_w, int* out_id,
-             int device, void* stream, int pdl_enabled, int fused_max) {
+             int device, void* stream, int pdl_enabled, int fused_max, int cluster_max_t) {
   if (E < 1 || E > ec::kMaxExperts || k < 1 || k > E || k > ec::kMaxTopK) return -1;
   if (T <= 0) return 0;
   int prev = -1;
@@ -884,6 +1105,7 @@ int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bia
   p.fill_topk = fill_topk;
   p.renorm = renorm;
   p.fused_max = fused_max;
+  p.cluster_max_t = cluster_max_t;
   char* ws = static_cast<char*>(workspace);
   const long long off_thr = static_cast<long long>(T) * 8;
   const long long off_keys = (off_thr + static_cast<long long>(E) * 8 + 255) / 256 * 256;
@@ -899,6 +1121,7 @@ int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bia
   // PDL measured a gain up to a few thousand tokens and at E >= 512; a loss at
   // T = 4096 with E <= 256 (dependents holding SM slots while the select runs)
   const bool pdl = major >= 9 && pdl_enabled && (T <= 2048 || E >= 512);
+  if (major < 9) p.cluster_max_t = 0;  // thread-block clusters: sm_90+
   cudaError_t err;
   if (dtype == ec::kDtF32) err = ec::launch_all<ec::kDtF32>(p, s, pdl);
   else if (dtype == ec::kDtBf16) err = ec::launch_all<ec::kDtBf16>(p, s, pdl);
