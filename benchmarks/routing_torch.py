@@ -14,8 +14,6 @@ call in microseconds. Variants:
 * ``fast``: `sgl_ecpatch.runtime.fast` with ``num_token_non_padded=None``;
 * ``fast n=dev``: the same with ``num_token_non_padded`` as a device tensor, what SGLang
   passes under CUDA graphs (capacity decided on the device);
-* ``fast row=sort``: ``fast n=dev`` with each row's slots taken from a full row sort
-  instead of ``topk(k)`` (`runtime.fast.ROW_SELECT`: keep the faster one);
 * ``fast col=E,T``: ``fast n=dev`` with the experts' selection on a contiguous [E, T]
   key (`runtime.fast.COLUMN_LAYOUT`);
 * ``cuda``: the CUDA kernel, when ``runtime.kernel.try_load()`` gives one.
@@ -53,9 +51,6 @@ def _variants(num_tokens: int, device, with_kernel: bool):
         "fast": lambda x, k: expert_choice_topk_torch(x, k, capacity_factor=CAPACITY_FACTOR),
         "fast n=dev": lambda x, k: expert_choice_topk_torch(
             x, k, capacity_factor=CAPACITY_FACTOR, num_token_non_padded=n_dev
-        ),
-        "fast row=sort": lambda x, k: run_torch(
-            x, validate(x, k, capacity_factor=CAPACITY_FACTOR, num_token_non_padded=n_dev), row_select="sort"
         ),
         "fast col=E,T": lambda x, k: run_torch(
             x, validate(x, k, capacity_factor=CAPACITY_FACTOR, num_token_non_padded=n_dev), column_layout="experts"

@@ -1,57 +1,66 @@
 """Fast expert-choice routing in PyTorch: vectorised and CUDA-graph safe.
 
 Same results as `reference` (same ids, bitwise-identical weights) with a fixed
-number of torch ops whatever T and E are: no Python loop over tokens or experts
-(only over the k slots when renormalising, in slot order, see `scoring`), no
-``.item()``, no ``nonzero`` or boolean indexing, and only shapes known on the host,
-also when ``num_token_non_padded`` is a device tensor.
+number of torch ops whatever T and E are (about 10 to 14 kernels, see
+``benchmarks/count_ops.py``): no Python loop over tokens or experts (only over the k
+slots when renormalising on the CPU, in slot order, see `scoring`), no ``.item()``,
+no ``nonzero`` or boolean indexing, and only shapes known on the host, also when
+``num_token_non_padded`` is a device tensor. Every choice below is made on the host
+from types, shapes and Python values, never from a device value.
 
 How it works:
 
-1. ``K = total_order_key(...)``: every ``(t, e)`` gets a unique int64 key that orders
-   by the ranking key (NaN lowest, -0.0 == +0.0) and then by the lower index, in
-   columns and in rows alike. So ``torch.topk`` on K is exact and its ties cannot
-   depend on the device or the library version.
-2. Expert choice: ``topk(K, C, dim=0)`` picks each expert's tokens. Padding rows are
-   excluded by slicing (n on the host) or by giving them the NaN rank (n on the
-   device: they tie with NaN rows and lose on the index, and ``C(n) <= n``). With n on
-   the device the capacity ``C(n)`` is data-dependent, so the selection takes the
-   static bound ``C(T)`` sorted and keeps ranks ``r < C(n)``, computed on the device.
-3. Chosen entries are lifted by 2**62 (|K| < 2**61, so lifted keys are >= 2**61 and
-   every other key is below), so one row-wise ``topk(k)`` lists a token's kept
-   experts first, in key order, then its best other experts: exactly the slot list
-   of ``fill="topk"``; ``fill="drop"`` makes the unlifted slots vacant.
-4. Weights are gathered from the scores, NaN -> 0, vacant -> 0, then renormalised by
-   the shared sequential sum.
+1. One int64 key per ``(t, e)``, built by a single add of a tie-break line (one
+   ``arange`` of length T + E - 1 seen through strides (1, 1): ``c0 - t - e``) and the
+   ranking key's order-preserving int32 ``hi`` shifted left. It orders by the ranking
+   key (NaN lowest, -0.0 == +0.0) and then by the lower index, in columns and in rows
+   alike, so ``torch.topk`` on it is exact and its ties cannot depend on the device.
+   Two encodings (`_Encoding`):
+
+   * no bias (the common case): ``hi`` is the raw bits of the score (scores are
+     ``>= +0.0``), NaN -> the bits of ``-inf`` (-2**23), shifted by 2**32, so the high
+     32-bit word of a key *is* the score's bits and the weights can be read back from
+     the selected keys without a gather;
+   * with a correction bias: ``hi`` is `scoring.ordered_int32` of ``S + bias``,
+     shifted by 2**30 (`scoring.total_order_key`'s layout); weights are gathered.
+
+   Every key is built *lowered* by a constant D (folded into the line, no extra
+   kernel): chosen entries get D back, so they rank above every other entry of
+   their row.
+2. Expert choice: ``topk(K, C, dim=0)`` picks each expert's tokens and
+   ``scatter_(reduce="add")`` adds D at those places. Padding rows are excluded by
+   slicing (n on the host) or by giving them the NaN rank (n on the device: they tie
+   with NaN rows and lose on the index, and ``C(n) <= n``). With n on the device the
+   capacity ``C(n)`` is data-dependent: the selection takes the static bound ``C(T)``
+   sorted and adds D only for ranks ``r < C(n)``, a comparison with n on the device.
+3. One row-wise ``topk(k)`` lists a token's chosen experts first, in key order, then
+   its best other experts: exactly the slot list of ``fill="topk"``; ``fill="drop"``
+   makes the unchosen slots vacant (their keys are below a host constant).
+4. Weights: the score bits from the keys' high words clamped at 0 (no bias: NaN,
+   vacant and padding slots all come out as +0.0), or a gather of the scores with
+   NaN -> 0 and vacant -> 0; then renormalised by the shared sequential sum, computed
+   slot-major ([k, T]: one ``cumsum`` on CUDA) and divided straight into the [T, k]
+   result.
 
 Shortcuts decided on the host: when no expert can be full (``C(m) == m`` for every
-possible n, e.g. a single row) step 2 is skipped and the result is plain top-k.
+possible n, e.g. a single row) step 2 is skipped and the result is plain top-k; with
+n on the host and ``fill="drop"`` the padding rows come out vacant by themselves.
 
-Cost: two int64 selections (experts over tokens, then tokens over experts) plus about
-15 small elementwise kernels; `ROW_SELECT` and `COLUMN_LAYOUT` pick between layouts
-that give the same bits (see `run_torch`).
+``COLUMN_LAYOUT`` ("tokens" or "experts") picks where the experts' selection runs:
+down the columns of the [T, E] key, or along the rows of an [E, T] key (contiguous
+reads, one more transpose copy for the row stage); same bits, speed depends on T, E
+and the device (``benchmarks/routing_torch.py`` times both).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Optional, Tuple
 
 import torch
 
 from .config import RoutingPlan, validate
-from .scoring import (
-    INT32_MIN,
-    KEY_BOUND,
-    TIER,
-    nonnegative_ordered_int32,
-    ordered_int32,
-    ranking_key,
-    TIE_SHIFT,
-    renormalize_rows,
-    routing_scores,
-    tie_break_table,
-    total_order_key,
-)
+from .scoring import INT32_MIN, KEY_BOUND, TIE_SHIFT, TIER, ordered_int32, ranking_key, routing_scores
 
 __all__ = ["expert_choice_topk_torch", "run_torch"]
 
@@ -76,8 +85,72 @@ def _empty_result(plan: RoutingPlan, device) -> Tuple[torch.Tensor, torch.Tensor
     )
 
 
-ROW_SELECT = "topk"
 COLUMN_LAYOUT = "tokens"
+
+
+class _Encoding:
+    """How a key is laid out (see the module docstring, step 1).
+
+    key = line + hi * shift, line = c0 - t - e - lowered; ``hi`` is an int32 [T, E].
+    Chosen entries get ``lowered`` back; a selected key ``>= chosen_min`` is chosen.
+    """
+
+    def __init__(self, shift: int, c0: int, lowered: int, pad_hi: int, chosen_min: int):
+        self.shift, self.c0, self.lowered, self.pad_hi, self.chosen_min = shift, c0, lowered, pad_hi, chosen_min
+
+
+# No bias: hi = score bits in [0, 0x3F800000] (scores are in [+0.0, 1]) or -2**23 (NaN,
+# the bits of -inf); tie word in [0, 2**32). Keys lie in [-2**55, 2**62 - 2**55 + 2**32);
+# lowered by 3 * 2**61 they are < -2**61 - 2**55 + 2**32 < -2**55 and > -2**63. The
+# high word of a chosen key is hi, of an unchosen one hi - 3 * 2**29 < 0.
+_SCORE_BITS = _Encoding(shift=2**32, c0=2**32 - 1, lowered=3 * 2**61, pad_hi=-(2**23), chosen_min=-(2**55))
+# With a bias: total_order_key's layout, keys in [-2**61, 2**61), lowered by 2**62.
+_ORDERED = _Encoding(shift=TIE_SHIFT, c0=TIE_SHIFT - 1, lowered=TIER, pad_hi=INT32_MIN, chosen_min=-KEY_BOUND)
+_NAN_BITS = float("-inf")  # no bias: NaN scores rank as the bits of -inf (-2**23)
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def _key(hi: torch.Tensor, enc: _Encoding, lowered: int, by_expert: bool) -> torch.Tensor:
+    """int64 key, [T, E] (or [E, T] contiguous when by_expert): one arange and one add."""
+    num_tokens, num_experts = hi.shape
+    length = max(num_tokens + num_experts - 1, 1)
+    top = enc.c0 - lowered
+    line = torch.arange(top, top - length, -1, dtype=torch.int64, device=hi.device)
+    if by_expert:
+        ties, hi = line.as_strided((num_experts, num_tokens), (1, 1)), hi.t()
+        out = torch.empty((num_experts, num_tokens), dtype=torch.int64, device=hi.device)
+        return torch.add(ties, hi, alpha=enc.shift, out=out)
+    # int32 times alpha, promoted to int64 inside the add: one kernel.
+    return torch.add(line.as_strided((num_tokens, num_experts), (1, 1)), hi, alpha=enc.shift)
+
+
+def _words(values: torch.Tensor, word: int) -> torch.Tensor:
+    """The low (0) or high (1) int32 word of each int64 of ``values`` [T, k], as a view."""
+    num_tokens, num_slots = values.shape
+    return values.view(torch.int32).view(num_tokens, num_slots, 2).select(2, word)
+
+
+def _slot_sum(weights_t: torch.Tensor) -> torch.Tensor:
+    """Sum over the slots of ``weights_t`` [k, T], strictly in slot order (`scoring`)."""
+    num_slots = weights_t.shape[0]
+    if weights_t.is_cuda and num_slots > 2:
+        # CUDA's outer-dimension scan adds acc = acc + x[j] in float32, slot by slot
+        # (scoring.sequential_row_sum; pinned by tests/runtime/test_routing_gpu.py).
+        return torch.cumsum(weights_t, dim=0).select(0, num_slots - 1)
+    total = weights_t.select(0, 0)
+    for slot in range(1, num_slots):
+        total = total + weights_t.select(0, slot)
+    return total
+
+
+def _renormalized(weights_t: torch.Tensor) -> torch.Tensor:
+    """[T, k] weights divided by their sequential row sum, from slot-major ``weights_t``."""
+    num_slots, num_tokens = weights_t.shape
+    out = torch.empty((num_tokens, num_slots), dtype=torch.float32, device=weights_t.device)
+    torch.div(weights_t, _slot_sum(weights_t), out=out.t())
+    # 0 / 0 = NaN where the row is all vacant: back to 0. Where the sum is positive no
+    # weight exceeds it, so no other NaN or inf can appear.
+    return out.nan_to_num_(nan=0.0)
 
 
 @torch.no_grad()
@@ -85,20 +158,13 @@ def run_torch(
     router_logits: torch.Tensor,
     plan: RoutingPlan,
     *,
-    row_select: Optional[str] = None,
     column_layout: Optional[str] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Route with validated arguments (see `expert_choice_topk_torch`).
 
-    Two layout choices give the same bits (the keys are unique) and only differ in
-    speed, which depends on E, T and the device (``benchmarks/routing_torch.py`` times
-    them):
-
-    * ``row_select`` ("topk" or "sort", default `ROW_SELECT`): each row's k slots from
-      ``torch.topk(k)`` or from a full row ``torch.sort`` cut to k.
-    * ``column_layout`` ("tokens" or "experts", default `COLUMN_LAYOUT`): the experts'
-      selection runs down the columns of the [T, E] key, or along the rows of an
-      [E, T] copy (contiguous reads, one extra transpose back for the row stage).
+    ``column_layout`` ("tokens" or "experts", default `COLUMN_LAYOUT`): the experts'
+    selection runs down the columns of the [T, E] key, or along the rows of an [E, T]
+    key; same bits.
 
     Runs under ``no_grad``: like the reference, the weights carry no autograd history.
     """
@@ -110,9 +176,12 @@ def run_torch(
 
     scores = routing_scores(router_logits, plan.scoring_func)
     if plan.correction_bias is None:
-        ordered = nonnegative_ordered_int32(scores)
+        enc = _SCORE_BITS
+        # Softmax and sigmoid give +0.0 .. 1 or NaN (never -0.0): the bits are the order.
+        hi = torch.nan_to_num(scores, nan=_NAN_BITS).view(torch.int32)
     else:
-        ordered = ordered_int32(ranking_key(scores, plan.correction_bias))
+        enc = _ORDERED
+        hi = ordered_int32(ranking_key(scores, plan.correction_bias))
 
     # Rows that are valid, as a [T, 1] device mask, only when n lives on the device.
     # n is compared, never multiplied, so it needs no clamp and no cast (an int32 n
@@ -127,94 +196,95 @@ def run_torch(
         # Padding rows take the NaN rank: below every valid row with a number, and
         # tied with NaN rows, which win on the lower index. As C(n) <= n, no padding
         # row is ever among an expert's first C(n) tokens.
-        ordered = torch.where(row_valid, ordered, INT32_MIN)
+        hi = torch.where(row_valid, hi, enc.pad_hi)
 
     everyone = _everyone_chosen(plan)
     max_capacity = plan.max_capacity if n_host is None else plan.host_capacity
-    if everyone or max_capacity == 0:
+    if everyone:
         # No selection to make: every expert takes every valid token (kept = plain
-        # top-k), or none takes any (C == 0, only possible for cf < 1/2000).
-        row_key = total_order_key(ordered)
-        lifted_all = everyone
+        # top-k). Keys are not lowered, so every slot of a valid row is chosen.
+        row_key = _key(hi, enc, 0, by_expert=False)
+    elif max_capacity == 0:
+        # C == 0 (only possible for cf < 1/2000): nothing is chosen, keys stay lowered.
+        row_key = _key(hi, enc, enc.lowered, by_expert=False)
     else:
-        lifted_all = False
         by_expert = (column_layout or COLUMN_LAYOUT) == "experts"
-        if by_expert:
-            # [E, T] contiguous: each expert's candidates are one contiguous row.
-            key = torch.empty((E, T), dtype=torch.int64, device=device)
-            torch.add(tie_break_table(E, T, device), ordered.t(), alpha=TIE_SHIFT, out=key)
-            token_dim = 1
-        else:
-            key = total_order_key(ordered)
-            token_dim = 0
+        key = _key(hi, enc, enc.lowered, by_expert)
+        token_dim = 1 if by_expert else 0
         if n_host is not None:
             column_key = key if n_host == T else key.narrow(token_dim, 0, n_host)
-            vals, token_idx = torch.topk(column_key, max_capacity, dim=token_dim, sorted=False)
-            lifted = vals + TIER
+            _, token_idx = torch.topk(column_key, max_capacity, dim=token_dim, sorted=False)
+            # Indices are distinct within a column: a plain add of D at each.
+            key.scatter_(token_dim, token_idx, enc.lowered, reduce="add")
         else:
-            # Here C(n) = ceil(n * kp / eq) with kp < eq (else everyone is chosen), and
-            # rank r (0-based, sorted) is kept  <=>  r < ceil(n*kp/eq)
-            #   <=>  r*eq < n*kp  <=>  floor(r*eq / kp) < n   (n an integer).
-            kp = k * plan.cf.numerator
-            eq = E * plan.cf.denominator
-            if max_capacity * eq >= 2**62:
-                raise ValueError(f"router_logits is too large for exact capacity arithmetic: T = {T}, E = {E}")
             vals, token_idx = torch.topk(key, max_capacity, dim=token_dim, sorted=True)
-            rank_floor = torch.arange(0, max_capacity * eq, eq, dtype=torch.int64, device=device) // kp
-            rank_kept = rank_floor.unsqueeze(1 - token_dim) < n_dev
-            lifted = torch.add(vals, rank_kept, alpha=TIER)
-        # key is our own temporary: lift in place (one kernel, no copy).
-        key.scatter_(token_dim, token_idx, lifted)
+            rank_kept = _rank_kept(plan, max_capacity, n_dev, device)
+            lifted = torch.add(vals, rank_kept.unsqueeze(1 - token_dim), alpha=enc.lowered)
+            key.scatter_(token_dim, token_idx, lifted)
         row_key = key.t().contiguous() if by_expert else key
 
-    if (row_select or ROW_SELECT) == "sort":
-        sorted_vals, sorted_ids = torch.sort(row_key, dim=1, descending=True)
-        top_vals, top_ids = sorted_vals[:, :k], sorted_ids[:, :k]
-    else:
-        top_vals, top_ids = torch.topk(row_key, k, dim=1)
+    top_vals, top_ids = torch.topk(row_key, k, dim=1)
 
-    # Which slots hold an expert: lifted ones with "drop" (or all when everyone is
-    # chosen), all with "topk"; padding rows never.
-    if plan.fill == "drop" and not lifted_all:
-        occupied = top_vals >= KEY_BOUND
-    else:
-        occupied = row_valid  # None: every row valid (host n < T handled below)
+    # Which slots hold an expert: chosen ones with "drop" (all when everyone is chosen),
+    # all with "topk"; padding rows never. None: every slot.
+    chosen_only = plan.fill == "drop" and not everyone
+    occupied = top_vals >= enc.chosen_min if chosen_only else row_valid
 
-    if occupied is not None:
-        ids = torch.where(occupied, top_ids, -1).to(torch.int32)
+    low_ids = _words(top_ids, 0) if _LITTLE_ENDIAN else top_ids.to(torch.int32)
+    ids = torch.where(occupied, low_ids, -1) if occupied is not None else low_ids.contiguous()
+
+    slot_major = plan.renormalize
+    if enc is _SCORE_BITS and (plan.fill == "drop" or everyone):
+        # The high word of a selected key is the score's bits where the slot is
+        # chosen, negative where it is not (vacant), -2**23 for NaN and padding: the
+        # weight is that word clamped at 0, one kernel and no gather.
+        high = _words(top_vals, 1)
+        if slot_major:
+            bits = torch.empty((k, T), dtype=torch.int32, device=device)
+            torch.clamp(high.t(), min=0, out=bits)
+        else:
+            bits = torch.clamp(high, min=0)
+        weights = bits.view(torch.float32)
     else:
-        ids = top_ids.to(torch.int32)
-    if router_logits.is_cuda and plan.renormalize and k > 2:
-        weights = _cuda_renormalized_weights(scores, top_ids, occupied)
-    else:
-        weights = torch.nan_to_num(torch.gather(scores, 1, top_ids), nan=0.0)
+        if slot_major:
+            weights = torch.gather(scores.t(), 0, top_ids.t())  # [k, T], contiguous
+        else:
+            weights = torch.gather(scores, 1, top_ids)
+        weights.nan_to_num_(nan=0.0)
         if occupied is not None:
-            weights = torch.where(occupied, weights, 0.0)
-        if plan.renormalize:
-            weights = renormalize_rows(weights)
-    if n_host is not None and n_host < T:
-        weights[n_host:] = 0.0
-        ids[n_host:] = -1
+            # Weights are finite and >= +0.0 here: times 1 is exact, times 0 is +0.0.
+            weights.mul_(occupied.t() if slot_major else occupied)
+    if slot_major:
+        weights = _renormalized(weights)
+
+    if n_host is not None and n_host < T and not chosen_only:
+        # Padding rows with n on the host; with "drop" they were never chosen.
+        weights.narrow(0, n_host, T - n_host).fill_(0.0)
+        ids.narrow(0, n_host, T - n_host).fill_(-1)
     return weights, ids
 
 
-def _cuda_renormalized_weights(
-    scores: torch.Tensor, top_ids: torch.Tensor, occupied: Optional[torch.Tensor]
-) -> torch.Tensor:
-    """Renormalised slot weights [T, k], computed slot-major ([k, T]) on CUDA.
+def _rank_kept(plan: RoutingPlan, max_capacity: int, n_dev: torch.Tensor, device) -> torch.Tensor:
+    """[C(T)] bool on the device: sorted rank r is within the capacity C(n).
 
-    Same arithmetic as `renormalize_rows` (the sequential sum is `sequential_row_sum`'s
-    cumsum down the slots), one kernel shorter: the gather writes the [k, T] layout the
-    cumsum needs, and the division writes straight into a [T, k] result.
+    Here C(n) = ceil(n * kp / eq) with kp < eq (else everyone is chosen), and
+    r < ceil(n*kp/eq)  <=>  r*eq < n*kp  <=>  (r*eq + 1/2) / kp < n  (integers).
+    The left side comes from one float64 ``arange``: its error (a few ulps of values
+    up to about T) is far below the 1/(2 kp) margin to any integer, which the host
+    checks; past that bound an exact integer form is used.
     """
-    num_tokens, num_slots = top_ids.shape
-    weights_t = torch.nan_to_num(torch.gather(scores.t(), 0, top_ids.t()), nan=0.0)  # [k, T]
-    if occupied is not None:
-        weights_t = torch.where(occupied.t(), weights_t, 0.0)
-    total = torch.cumsum(weights_t, dim=0)[num_slots - 1]
-    out = torch.empty((num_tokens, num_slots), dtype=torch.float32, device=scores.device)
-    torch.div(weights_t, total, out=out.t())
-    return out.nan_to_num_(nan=0.0)
+    kp = plan.top_k * plan.cf.numerator
+    eq = plan.num_experts * plan.cf.denominator
+    if max_capacity * eq + kp < 2**44:
+        step = eq / kp
+        start = 0.5 / kp
+        bound = torch.arange(start, start + (max_capacity - 0.5) * step, step, dtype=torch.float64, device=device)
+        if bound.shape[0] == max_capacity:
+            return bound < n_dev
+    if max_capacity * eq >= 2**62:
+        raise ValueError(f"router_logits is too large for exact capacity arithmetic: T = {plan.num_tokens}")
+    rank_floor = torch.arange(0, max_capacity * eq, eq, dtype=torch.int64, device=device) // kp
+    return rank_floor < n_dev
 
 
 def expert_choice_topk_torch(

@@ -181,29 +181,22 @@ def test_non_contiguous_logits(fill):
             )
 
 
-@pytest.mark.parametrize("mask_kind", ["none", "slots", "rows"])
-def test_slot_major_weights_layout(mask_kind):
-    """The CUDA weight path (slot-major gather, cumsum, division into [T, k]) on the CPU.
+@pytest.mark.parametrize("num_slots", [1, 2, 3, 8])
+def test_slot_major_renormalisation(num_slots):
+    """The fast path's renormalisation (slot-major [k, T] sum, division into [T, k])
+    gives `renormalize_rows`' bits, all-vacant rows included (0, not NaN).
 
-    Scores are multiples of 1/64 with small sums, so every order of addition is exact
-    here and only the layout, masking and NaN handling are under test; the
-    summation order itself is pinned on the GPU (test_routing_gpu.py).
+    On the CPU both add in slot order; the CUDA cumsum's order is pinned on the GPU
+    (test_routing_gpu.py).
     """
-    from sgl_ecpatch.runtime.fast import _cuda_renormalized_weights
+    from sgl_ecpatch.runtime.fast import _renormalized
 
-    gen = torch.Generator().manual_seed(11)
-    scores = torch.randint(0, 64, (9, 6), generator=gen).float() / 64
-    scores[2] = math.nan
-    top_ids = torch.stack([torch.randperm(6, generator=gen)[:4] for _ in range(9)])
-    occupied = {
-        "none": None,
-        "slots": torch.rand(9, 4, generator=gen) < 0.7,
-        "rows": torch.arange(9).unsqueeze(1) < 6,
-    }[mask_kind]
-    expected = torch.nan_to_num(torch.gather(scores, 1, top_ids), nan=0.0)
-    if occupied is not None:
-        expected = torch.where(occupied, expected, 0.0)
-    expected = renormalize_rows(expected)
-    actual = _cuda_renormalized_weights(scores, top_ids, occupied)
-    assert actual.shape == (9, 4) and actual.is_contiguous()
-    assert torch.equal(actual.view(torch.int32), expected.view(torch.int32))
+    gen = torch.Generator().manual_seed(num_slots)
+    mantissa = torch.rand(257, num_slots, generator=gen)
+    exponent = torch.randint(-30, 2, (257, num_slots), generator=gen).float()
+    weights = mantissa * torch.pow(2.0, exponent)
+    weights[3] = 0.0
+    weights[7, num_slots // 2 :] = 0.0
+    actual = _renormalized(weights.t().contiguous())
+    assert actual.shape == weights.shape and actual.is_contiguous()
+    assert torch.equal(actual.view(torch.int32), renormalize_rows(weights).view(torch.int32))

@@ -1,0 +1,194 @@
+#!/usr/bin/env python
+"""Count the aten ops (about one GPU kernel each) of one routing call, without a GPU.
+
+    .venv/bin/python benchmarks/count_ops.py            # table
+    .venv/bin/python benchmarks/count_ops.py --list     # and every op of each call
+
+Each variant runs once on *fake* CUDA tensors (``FakeTensorMode``: shapes, dtypes and
+the CUDA code paths, no data, no GPU) under a ``TorchDispatchMode`` that records every
+aten op. Views, allocations, CPU scalars and ``prim`` queries launch no kernel and are
+not counted; a ``cumsum`` of a non-contiguous tensor counts 2 (CUDA copies it first).
+``topk``/``sort`` count 1 here but launch a few kernels on CUDA (radix select, gather,
+bitonic sort of the result), so the count is a lower bound of the launches. A
+``_local_scalar_dense`` (``.item()``, a host sync) is reported as ``SYNC``.
+
+Variants: ``seed`` (`sgl_ecpatch.bench.seed_baseline`), ``fast`` with
+``num_token_non_padded=None`` and ``fast n=dev`` with a 0-d int64 device tensor; all
+bf16 logits, cf=1.25, fill="drop", renormalize, softmax, no bias (the benchmark's
+setting, `benchmarks/routing_torch.py`).
+
+Counts before -> after the op-count rewrite of `sgl_ecpatch.runtime.fast` (2026-11-26);
+the same at every shape of the benchmark except where the host shortcut applies
+(T=1: no expert can be full, so no column selection):
+
+=================  ====  ============  ============
+shape (T, E, k)    seed  fast (None)   fast (n=dev)
+=================  ====  ============  ============
+T >= 16, any E, k   14   19 -> 10      26 -> 14
+T = 1               14   12 -> 6       16 -> 8
+=================  ====  ============  ============
+
+(filled in from this script's output; see the end of this docstring for the list.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sgl_ecpatch.bench.seed_baseline import seed_expert_choice_topk  # noqa: E402
+from sgl_ecpatch.runtime.fast import expert_choice_topk_torch  # noqa: E402
+
+SHAPES = [(1, 128, 8), (16, 128, 8), (1024, 128, 8), (4096, 60, 4), (16384, 512, 10)]
+CAPACITY_FACTOR = 1.25
+_FREE = ("aten.empty", "aten.scalar_tensor", "aten.lift_fresh", "aten.detach", "aten.alias")
+
+
+class OpCounter(TorchDispatchMode):
+    """Records the aten ops that would launch a device kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func)
+        if name == "aten._local_scalar_dense.default":
+            self.ops.append("SYNC " + name)
+        elif not (getattr(func, "is_view", False) or name.startswith("prim.") or name.startswith(_FREE)):
+            self.ops.append(name)
+        return func(*args, **kwargs)
+
+
+_ACTIVE = []
+
+
+def _dense_like(tensor):
+    return torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+
+
+def _contiguous(self, memory_format=torch.contiguous_format):
+    # A strided copy of a fake CUDA tensor fails inside C++ on a CPU-only build, and
+    # fake tensors hold no data: count the copy and hand back a dense fake tensor.
+    if self.is_contiguous(memory_format=memory_format):
+        return self
+    if _ACTIVE:
+        _ACTIVE[-1].ops.append("aten.clone (contiguous)")
+    return _dense_like(self)
+
+
+def _index(key, size):
+    """(start, length) or an int for the basic keys the routing code uses."""
+    if isinstance(key, int):
+        return key
+    start, stop, step = key.indices(size)
+    assert step == 1, key
+    return start, max(stop - start, 0)
+
+
+def _getitem(self, key):
+    # Python indexing of a fake CUDA tensor fails inside C++ too: spell it as views.
+    keys = key if isinstance(key, tuple) else (key,)
+    out = self
+    dim = 0
+    for item in keys:
+        where = _index(item, out.shape[dim])
+        if isinstance(where, int):
+            out = out.select(dim, where)
+        else:
+            out = out.narrow(dim, *where)
+            dim += 1
+    return out
+
+
+def _setitem(self, key, value):
+    assert not isinstance(value, torch.Tensor), "only scalar fills are counted"
+    if _ACTIVE:
+        _ACTIVE[-1].ops.append("aten.fill_.Scalar (setitem)")
+
+
+def _cumsum(input, dim, *, dtype=None, out=None):
+    # torch.cumsum of a fake CUDA tensor fails inside C++ on a CPU-only build as well.
+    # CUDA's scan copies a non-contiguous input first: one more kernel.
+    assert out is None and dtype is None
+    if _ACTIVE:
+        if not input.is_contiguous():
+            _ACTIVE[-1].ops.append("aten.clone (contiguous, inside cumsum)")
+        _ACTIVE[-1].ops.append("aten.cumsum.default")
+    return _dense_like(input)
+
+
+def count(fn):
+    counter = OpCounter()
+    _ACTIVE.append(counter)
+    try:
+        with counter:
+            fn()
+    finally:
+        _ACTIVE.pop()
+    return counter.ops
+
+
+def variants(num_tokens, num_experts, top_k):
+    x = torch.empty(num_tokens, num_experts, device="cuda", dtype=torch.bfloat16)
+    n_dev = torch.empty((), device="cuda", dtype=torch.int64)
+    return {
+        "seed": lambda: seed_expert_choice_topk(x, top_k, capacity_factor=CAPACITY_FACTOR),
+        "fast": lambda: expert_choice_topk_torch(x, top_k, capacity_factor=CAPACITY_FACTOR),
+        "fast n=dev": lambda: expert_choice_topk_torch(
+            x, top_k, capacity_factor=CAPACITY_FACTOR, num_token_non_padded=n_dev
+        ),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--list", action="store_true", help="print every counted op of each call")
+    args = parser.parse_args(argv)
+    patched = [
+        (torch.Tensor, "contiguous", _contiguous),
+        (torch.Tensor, "__getitem__", _getitem),
+        (torch.Tensor, "__setitem__", _setitem),
+        (torch, "cumsum", _cumsum),
+    ]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patched]
+    for owner, name, replacement in patched:
+        setattr(owner, name, replacement)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            rows = []
+            listings = []
+            for shape in SHAPES:
+                counts = {}
+                for name, fn in variants(*shape).items():
+                    ops = count(fn)
+                    counts[name] = len(ops)
+                    listings.append((shape, name, ops))
+                rows.append((shape, counts))
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+    names = list(rows[0][1])
+    print("| T | E | k | " + " | ".join(f"{n} (ops)" for n in names) + " |")
+    print("|---:|---:|---:|" + "---:|" * len(names))
+    for (T, E, k), counts in rows:
+        print(f"| {T} | {E} | {k} | " + " | ".join(str(counts[n]) for n in names) + " |")
+    if args.list:
+        for shape, name, ops in listings:
+            summary = ", ".join(f"{op.replace('aten.', '')}" + (f" x{c}" if c > 1 else "") for op, c in Counter(ops).items())
+            print(f"\n{shape} {name}: {len(ops)} ops\n  " + "\n  ".join(ops))
+            del summary
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
