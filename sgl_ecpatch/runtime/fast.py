@@ -54,6 +54,7 @@ and the device (``benchmarks/routing_torch.py`` times both).
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Optional, Tuple
 
@@ -91,30 +92,55 @@ COLUMN_LAYOUT = "tokens"
 class _Encoding:
     """How a key is laid out (see the module docstring, step 1).
 
-    key = line + hi * shift, line = c0 - t - e - lowered; ``hi`` is an int32 [T, E].
-    Chosen entries get ``lowered`` back; a selected key ``>= chosen_min`` is chosen.
+    key = hi * shift + flag + (c0 - t - e) - lowered, with ``hi`` an int32 [T, E] and
+    the tie term ``c0 - t - e`` in [0, flag or 2**tie_bits). Chosen entries get
+    ``lowered`` back. With a ``flag`` (2**24), byte 3 of a key is exactly 1 where the
+    entry is chosen and 0 where it is not: a bool *view* of the selected keys is the
+    chosen mask, no compare kernel. Without one, a selected key is chosen iff it is
+    ``>= chosen_min``.
     """
 
-    def __init__(self, shift: int, c0: int, lowered: int, pad_hi: int, chosen_min: int):
-        self.shift, self.c0, self.lowered, self.pad_hi, self.chosen_min = shift, c0, lowered, pad_hi, chosen_min
+    def __init__(self, *, shift, tie_bits, flag, lowered, pad_hi, chosen_min, score_bits):
+        self.shift, self.c0, self.flag = shift, 2**tie_bits - 1, flag
+        self.lowered = lowered + flag  # clears the flag of every unchosen key
+        self.pad_hi, self.chosen_min, self.score_bits = pad_hi, chosen_min, score_bits
 
 
-# No bias: hi = score bits in [0, 0x3F800000] (scores are in [+0.0, 1]) or -2**23 (NaN,
-# the bits of -inf); tie word in [0, 2**32). Keys lie in [-2**55, 2**62 - 2**55 + 2**32);
-# lowered by 3 * 2**61 they are < -2**61 - 2**55 + 2**32 < -2**55 and > -2**63. The
-# high word of a chosen key is hi, of an unchosen one hi - 3 * 2**29 < 0.
-_SCORE_BITS = _Encoding(shift=2**32, c0=2**32 - 1, lowered=3 * 2**61, pad_hi=-(2**23), chosen_min=-(2**55))
-# With a bias: total_order_key's layout, keys in [-2**61, 2**61), lowered by 2**62.
-_ORDERED = _Encoding(shift=TIE_SHIFT, c0=TIE_SHIFT - 1, lowered=TIER, pad_hi=INT32_MIN, chosen_min=-KEY_BOUND)
-_NAN_BITS = float("-inf")  # no bias: NaN scores rank as the bits of -inf (-2**23)
+_FLAG_BITS = 24  # the flag byte needs the tie term below 2**24: T + E <= 2**24
 _LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def _encoding(biased: bool, num_tokens: int, num_experts: int) -> _Encoding:
+    """The key layout for this call (decided on the host from the plan and shapes).
+
+    No bias (``score_bits``): hi = the score's bits, in [0, 0x3F800000] (scores are in
+    [+0.0, 1]) or -2**23 for NaN (the bits of -inf), shifted by 2**32, so the high word
+    of a key is hi. Keys lie in [-2**55, 2**62 - 2**55 + 2**32); lowered by 3 * 2**61
+    they are below -2**61 (< -2**55) and above -2**63. The high word of a chosen key
+    is hi, of an unchosen one hi - 3 * 2**29 < 0.
+
+    With a bias: hi = `scoring.ordered_int32` of S + bias (any int32), shifted by 2**30
+    (keys in [-2**61, 2**61), `scoring.total_order_key`'s layout), lowered by 2**62;
+    no flag.
+    """
+    if not biased:
+        # Byte 3 (bits 24..31) lies in the low word: flag and tie term only.
+        flagged = _LITTLE_ENDIAN and num_tokens + num_experts <= 2**_FLAG_BITS
+        return _Encoding(shift=2**32, tie_bits=_FLAG_BITS if flagged else 30, flag=2**_FLAG_BITS if flagged else 0,
+                         lowered=3 * 2**61, pad_hi=-(2**23), chosen_min=-(2**55), score_bits=True)
+    # hi takes all 32 bits here, so no byte of the key is free for a flag.
+    return _Encoding(shift=TIE_SHIFT, tie_bits=30, flag=0, lowered=TIER,
+                     pad_hi=INT32_MIN, chosen_min=-KEY_BOUND, score_bits=False)
+
+
+_NAN_BITS = float("-inf")  # no bias: NaN scores rank as the bits of -inf (-2**23)
 
 
 def _key(hi: torch.Tensor, enc: _Encoding, lowered: int, by_expert: bool) -> torch.Tensor:
     """int64 key, [T, E] (or [E, T] contiguous when by_expert): one arange and one add."""
     num_tokens, num_experts = hi.shape
     length = max(num_tokens + num_experts - 1, 1)
-    top = enc.c0 - lowered
+    top = enc.c0 + enc.flag - lowered
     line = torch.arange(top, top - length, -1, dtype=torch.int64, device=hi.device)
     if by_expert:
         ties, hi = line.as_strided((num_experts, num_tokens), (1, 1)), hi.t()
@@ -122,6 +148,12 @@ def _key(hi: torch.Tensor, enc: _Encoding, lowered: int, by_expert: bool) -> tor
         return torch.add(ties, hi, alpha=enc.shift, out=out)
     # int32 times alpha, promoted to int64 inside the add: one kernel.
     return torch.add(line.as_strided((num_tokens, num_experts), (1, 1)), hi, alpha=enc.shift)
+
+
+def _flags(values: torch.Tensor) -> torch.Tensor:
+    """Byte 3 of each int64 of ``values`` [T, k] as a bool view: the chosen flag."""
+    num_tokens, num_slots = values.shape
+    return values.view(torch.bool).view(num_tokens, num_slots, 8).select(2, 3)
 
 
 def _words(values: torch.Tensor, word: int) -> torch.Tensor:
@@ -175,31 +207,36 @@ def run_torch(
         return _empty_result(plan, device)
 
     scores = routing_scores(router_logits, plan.scoring_func)
-    if plan.correction_bias is None:
-        enc = _SCORE_BITS
+    enc = _encoding(plan.correction_bias is not None, T, E)
+    if enc.score_bits:
         # Softmax and sigmoid give +0.0 .. 1 or NaN (never -0.0): the bits are the order.
         hi = torch.nan_to_num(scores, nan=_NAN_BITS).view(torch.int32)
     else:
-        enc = _ORDERED
         hi = ordered_int32(ranking_key(scores, plan.correction_bias))
 
     # Rows that are valid, as a [T, 1] device mask, only when n lives on the device.
     # n is compared, never multiplied, so it needs no clamp and no cast (an int32 n
     # cannot overflow): t < n and the rank test below hold for clamp(n, 0, T) alike.
+    everyone = _everyone_chosen(plan)
+    max_capacity = plan.max_capacity if n_host is None else plan.host_capacity
+    selecting = not everyone and max_capacity > 0
+
+    # Rows that are valid, as a [T, 1] device mask, and the capacity test of the sorted
+    # ranks, only when n lives on the device (one compare for both, see `_device_masks`).
+    # n is compared, never multiplied, so it needs no clamp and no cast (an int32 n
+    # cannot overflow): t < n and the rank test hold for clamp(n, 0, T) alike.
     row_valid: Optional[torch.Tensor] = None
-    n_dev: Optional[torch.Tensor] = None
+    rank_kept: Optional[torch.Tensor] = None
     if n_host is None:
         n_dev = plan.num_valid_tensor
         if n_dev.device != device:
             n_dev = n_dev.to(device)
-        row_valid = torch.arange(T, device=device).unsqueeze(1) < n_dev
+        row_valid, rank_kept = _device_masks(plan, max_capacity if selecting else 0, n_dev, device)
         # Padding rows take the NaN rank: below every valid row with a number, and
         # tied with NaN rows, which win on the lower index. As C(n) <= n, no padding
         # row is ever among an expert's first C(n) tokens.
         hi = torch.where(row_valid, hi, enc.pad_hi)
 
-    everyone = _everyone_chosen(plan)
-    max_capacity = plan.max_capacity if n_host is None else plan.host_capacity
     if everyone:
         # No selection to make: every expert takes every valid token (kept = plain
         # top-k). Keys are not lowered, so every slot of a valid row is chosen.
@@ -218,7 +255,6 @@ def run_torch(
             key.scatter_(token_dim, token_idx, enc.lowered, reduce="add")
         else:
             vals, token_idx = torch.topk(key, max_capacity, dim=token_dim, sorted=True)
-            rank_kept = _rank_kept(plan, max_capacity, n_dev, device)
             lifted = torch.add(vals, rank_kept.unsqueeze(1 - token_dim), alpha=enc.lowered)
             key.scatter_(token_dim, token_idx, lifted)
         row_key = key.t().contiguous() if by_expert else key
@@ -228,13 +264,18 @@ def run_torch(
     # Which slots hold an expert: chosen ones with "drop" (all when everyone is chosen),
     # all with "topk"; padding rows never. None: every slot.
     chosen_only = plan.fill == "drop" and not everyone
-    occupied = top_vals >= enc.chosen_min if chosen_only else row_valid
+    if not chosen_only:
+        occupied = row_valid
+    elif enc.flag:
+        occupied = _flags(top_vals)
+    else:
+        occupied = top_vals >= enc.chosen_min
 
     low_ids = _words(top_ids, 0) if _LITTLE_ENDIAN else top_ids.to(torch.int32)
     ids = torch.where(occupied, low_ids, -1) if occupied is not None else low_ids.contiguous()
 
     slot_major = plan.renormalize
-    if enc is _SCORE_BITS and (plan.fill == "drop" or everyone):
+    if enc.score_bits and (plan.fill == "drop" or everyone):
         # The high word of a selected key is the score's bits where the slot is
         # chosen, negative where it is not (vacant), -2**23 for NaN and padding: the
         # weight is that word clamped at 0, one kernel and no gather.
@@ -264,27 +305,36 @@ def run_torch(
     return weights, ids
 
 
-def _rank_kept(plan: RoutingPlan, max_capacity: int, n_dev: torch.Tensor, device) -> torch.Tensor:
-    """[C(T)] bool on the device: sorted rank r is within the capacity C(n).
+def _device_masks(
+    plan: RoutingPlan, num_ranks: int, n_dev: torch.Tensor, device
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Row mask ``t < n`` [T, 1] and rank mask [num_ranks] (None when 0), one compare.
 
-    Here C(n) = ceil(n * kp / eq) with kp < eq (else everyone is chosen), and
+    Sorted rank r of an expert's column is within the capacity iff r < C(n), and here
+    C(n) = ceil(n * kp / eq) with kp < eq (else everyone is chosen), so
     r < ceil(n*kp/eq)  <=>  r*eq < n*kp  <=>  (r*eq + 1/2) / kp < n  (integers).
-    The left side comes from one float64 ``arange``: its error (a few ulps of values
-    up to about T) is far below the 1/(2 kp) margin to any integer, which the host
-    checks; past that bound an exact integer form is used.
+    Both left sides sit in one float64 buffer (``t`` exactly; ``(r*eq + 1/2) / kp``
+    from an ``arange``, whose error of a few ulps of values up to about T is far below
+    the 1/(2 kp) margin to any integer: the host checks the bound) and one ``lt`` with
+    n answers both. Past the bound, an exact integer form costs two more kernels.
     """
+    T = plan.num_tokens
+    if num_ranks == 0:
+        return torch.arange(T, device=device).unsqueeze(1) < n_dev, None
     kp = plan.top_k * plan.cf.numerator
     eq = plan.num_experts * plan.cf.denominator
-    if max_capacity * eq + kp < 2**44:
-        step = eq / kp
-        start = 0.5 / kp
-        bound = torch.arange(start, start + (max_capacity - 0.5) * step, step, dtype=torch.float64, device=device)
-        if bound.shape[0] == max_capacity:
-            return bound < n_dev
-    if max_capacity * eq >= 2**62:
-        raise ValueError(f"router_logits is too large for exact capacity arithmetic: T = {plan.num_tokens}")
-    rank_floor = torch.arange(0, max_capacity * eq, eq, dtype=torch.int64, device=device) // kp
-    return rank_floor < n_dev
+    step, start = eq / kp, 0.5 / kp
+    end = start + (num_ranks - 0.5) * step
+    if num_ranks * eq + kp < 2**44 and math.ceil((end - start) / step) == num_ranks:
+        bounds = torch.empty(T + num_ranks, dtype=torch.float64, device=device)
+        torch.arange(T, out=bounds.narrow(0, 0, T))
+        torch.arange(start, end, step, out=bounds.narrow(0, T, num_ranks))
+        kept = bounds < n_dev
+        return kept.narrow(0, 0, T).unsqueeze(1), kept.narrow(0, T, num_ranks)
+    if num_ranks * eq >= 2**62:
+        raise ValueError(f"router_logits is too large for exact capacity arithmetic: T = {T}")
+    rank_floor = torch.arange(0, num_ranks * eq, eq, dtype=torch.int64, device=device) // kp
+    return torch.arange(T, device=device).unsqueeze(1) < n_dev, rank_floor < n_dev
 
 
 def expert_choice_topk_torch(
