@@ -14,8 +14,10 @@ call in microseconds. Variants:
 * ``fast``: `sgl_ecpatch.runtime.fast` with ``num_token_non_padded=None``;
 * ``fast n=dev``: the same with ``num_token_non_padded`` as a device tensor, what SGLang
   passes under CUDA graphs (capacity decided on the device);
-* ``fast col=E,T``: ``fast n=dev`` with the experts' selection on a contiguous [E, T]
-  key (`runtime.fast.COLUMN_LAYOUT`);
+* ``fast col=T,E`` / ``fast col=E,T``: ``fast n=dev`` with the experts' selection
+  forced down the columns of the [T, E] key / along the rows of an [E, T] key
+  (`runtime.fast.COLUMN_LAYOUT`; "auto", the default, takes [E, T] from
+  `runtime.fast.EXPERTS_LAYOUT_MIN_TOKENS` tokens on: set it where these two cross);
 * ``cuda``: the CUDA kernel, when ``runtime.kernel.try_load()`` gives one.
 
 Without a GPU it runs one tiny size on the CPU and says that the times are not GPU times.
@@ -51,6 +53,9 @@ def _variants(num_tokens: int, device, with_kernel: bool):
         "fast": lambda x, k: expert_choice_topk_torch(x, k, capacity_factor=CAPACITY_FACTOR),
         "fast n=dev": lambda x, k: expert_choice_topk_torch(
             x, k, capacity_factor=CAPACITY_FACTOR, num_token_non_padded=n_dev
+        ),
+        "fast col=T,E": lambda x, k: run_torch(
+            x, validate(x, k, capacity_factor=CAPACITY_FACTOR, num_token_non_padded=n_dev), column_layout="tokens"
         ),
         "fast col=E,T": lambda x, k: run_torch(
             x, validate(x, k, capacity_factor=CAPACITY_FACTOR, num_token_non_padded=n_dev), column_layout="experts"

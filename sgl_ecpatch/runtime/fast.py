@@ -46,10 +46,12 @@ Shortcuts decided on the host: when no expert can be full (``C(m) == m`` for eve
 possible n, e.g. a single row) step 2 is skipped and the result is plain top-k; with
 n on the host and ``fill="drop"`` the padding rows come out vacant by themselves.
 
-``COLUMN_LAYOUT`` ("tokens" or "experts") picks where the experts' selection runs:
-down the columns of the [T, E] key, or along the rows of an [E, T] key (contiguous
-reads, one more transpose copy for the row stage); same bits, speed depends on T, E
-and the device (``benchmarks/routing_torch.py`` times both).
+``COLUMN_LAYOUT`` ("auto", "tokens" or "experts") picks where the experts' selection
+runs: down the columns of the [T, E] key, or along the rows of an [E, T] key
+(contiguous reads, one more kernel: the transpose copy for the row stage); same bits.
+On the H200 the [E, T] layout was faster from T = 1024 on (and about even below), so
+"auto" takes it for ``T >= EXPERTS_LAYOUT_MIN_TOKENS`` (decided on the host from T);
+``benchmarks/routing_torch.py`` times both.
 """
 
 from __future__ import annotations
@@ -86,7 +88,8 @@ def _empty_result(plan: RoutingPlan, device) -> Tuple[torch.Tensor, torch.Tensor
     )
 
 
-COLUMN_LAYOUT = "tokens"
+COLUMN_LAYOUT = "auto"
+EXPERTS_LAYOUT_MIN_TOKENS = 1024
 
 
 class _Encoding:
@@ -106,7 +109,8 @@ class _Encoding:
         self.pad_hi, self.chosen_min, self.score_bits = pad_hi, chosen_min, score_bits
 
 
-_FLAG_BITS = 24  # the flag byte needs the tie term below 2**24: T + E <= 2**24
+_FLAG_BITS = 24  # the flag is bit 24: byte 3 of the little-endian int64
+_FLAG_MAX_SPAN = 2**_FLAG_BITS  # the tie term c0 - t - e must fit below it: T + E <= 2**24
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
 
@@ -125,7 +129,7 @@ def _encoding(biased: bool, num_tokens: int, num_experts: int) -> _Encoding:
     """
     if not biased:
         # Byte 3 (bits 24..31) lies in the low word: flag and tie term only.
-        flagged = _LITTLE_ENDIAN and num_tokens + num_experts <= 2**_FLAG_BITS
+        flagged = _LITTLE_ENDIAN and num_tokens + num_experts <= _FLAG_MAX_SPAN
         return _Encoding(shift=2**32, tie_bits=_FLAG_BITS if flagged else 30, flag=2**_FLAG_BITS if flagged else 0,
                          lowered=3 * 2**61, pad_hi=-(2**23), chosen_min=-(2**55), score_bits=True)
     # hi takes all 32 bits here, so no byte of the key is free for a flag.
@@ -194,9 +198,9 @@ def run_torch(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Route with validated arguments (see `expert_choice_topk_torch`).
 
-    ``column_layout`` ("tokens" or "experts", default `COLUMN_LAYOUT`): the experts'
-    selection runs down the columns of the [T, E] key, or along the rows of an [E, T]
-    key; same bits.
+    ``column_layout`` ("auto", "tokens" or "experts", default `COLUMN_LAYOUT`): the
+    experts' selection runs down the columns of the [T, E] key, or along the rows of an
+    [E, T] key; same bits ("auto": [E, T] from `EXPERTS_LAYOUT_MIN_TOKENS` tokens on).
 
     Runs under ``no_grad``: like the reference, the weights carry no autograd history.
     """
@@ -245,7 +249,12 @@ def run_torch(
         # C == 0 (only possible for cf < 1/2000): nothing is chosen, keys stay lowered.
         row_key = _key(hi, enc, enc.lowered, by_expert=False)
     else:
-        by_expert = (column_layout or COLUMN_LAYOUT) == "experts"
+        layout = column_layout or COLUMN_LAYOUT
+        if layout == "auto":
+            layout = "experts" if T >= EXPERTS_LAYOUT_MIN_TOKENS else "tokens"
+        if layout not in ("tokens", "experts"):
+            raise ValueError(f"column_layout must be 'auto', 'tokens' or 'experts', got {layout!r}")
+        by_expert = layout == "experts"
         key = _key(hi, enc, enc.lowered, by_expert)
         token_dim = 1 if by_expert else 0
         if n_host is not None:

@@ -39,8 +39,8 @@ def test_cuda_fast_path_equals_reference(dtype, shape, mode, fill):
         assert actual[0].device.type == "cuda" and actual[1].device.type == "cuda"
         assert_same_routing(expected, actual, context=f"{shape} {dtype} {mode} {fill} n={n}")
         plan = validate(logits, k, **kwargs)
-        layout = dict(column_layout="experts")
-        assert_same_routing(expected, run_torch(logits, plan, **layout), context=f"{shape} {layout}")
+        for layout in ("tokens", "experts"):
+            assert_same_routing(expected, run_torch(logits, plan, column_layout=layout), context=f"{shape} {layout}")
 
 
 @pytest.mark.parametrize("shape", [(16, 60, 4), (1024, 128, 8)], ids=lambda s: "x".join(map(str, s)))

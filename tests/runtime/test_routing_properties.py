@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from routing_oracles import DTYPES, assert_same_routing, make_logits, plain_topk_ids
 from sgl_ecpatch.runtime import capacity, expert_choice_topk
 from sgl_ecpatch.runtime.config import validate
+from sgl_ecpatch.runtime import fast
 from sgl_ecpatch.runtime.fast import run_torch
 from sgl_ecpatch.runtime.scoring import ranking_key, routing_scores
 
@@ -89,8 +90,17 @@ def test_fast_path_equals_reference(case):
     expected = expert_choice_topk(logits, top_k, impl="reference", **kwargs)
     actual = expert_choice_topk(logits, top_k, impl="torch", **kwargs)
     assert_same_routing(expected, actual, context=f"T,E,k={tuple(logits.shape)},{top_k} {kwargs}")
-    # The other layout (experts' selection on an [E, T] key) gives the same bits too.
+    # Both layouts (experts' selection down the [T, E] key's columns or along an
+    # [E, T] key's rows) give the same bits; so does the key layout without the flag
+    # byte (used past T + E > 2**24), forced here by a tiny flag limit.
     plan = validate(logits, top_k, **kwargs)
+    assert_same_routing(expected, run_torch(logits, plan, column_layout="tokens"), context="column_layout=tokens")
+    saved = fast._FLAG_MAX_SPAN
+    fast._FLAG_MAX_SPAN = 0
+    try:
+        assert_same_routing(expected, run_torch(logits, plan), context="no flag byte")
+    finally:
+        fast._FLAG_MAX_SPAN = saved
     assert_same_routing(
         expected, run_torch(logits, plan, column_layout="experts"), context="column_layout=experts"
     )
