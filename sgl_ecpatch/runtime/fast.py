@@ -259,9 +259,14 @@ def run_torch(
         token_dim = 1 if by_expert else 0
         if n_host is not None:
             column_key = key if n_host == T else key.narrow(token_dim, 0, n_host)
-            _, token_idx = torch.topk(column_key, max_capacity, dim=token_dim, sorted=False)
-            # Indices are distinct within a column: a plain add of D at each.
-            key.scatter_(token_dim, token_idx, enc.lowered, reduce="add")
+            vals, token_idx = torch.topk(column_key, max_capacity, dim=token_dim, sorted=False)
+            if torch.are_deterministic_algorithms_enabled():
+                # scatter with a reduction alerts there (CUDA atomics): add, then write.
+                key.scatter_(token_dim, token_idx, vals + enc.lowered)
+            else:
+                # Indices are distinct within a column, so the atomic add of D at each
+                # is exact and deterministic: one kernel instead of two.
+                key.scatter_(token_dim, token_idx, enc.lowered, reduce="add")
         else:
             vals, token_idx = torch.topk(key, max_capacity, dim=token_dim, sorted=True)
             lifted = torch.add(vals, rank_kept.unsqueeze(1 - token_dim), alpha=enc.lowered)

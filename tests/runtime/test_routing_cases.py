@@ -200,3 +200,20 @@ def test_slot_major_renormalisation(num_slots):
     actual = _renormalized(weights.t().contiguous())
     assert actual.shape == weights.shape and actual.is_contiguous()
     assert torch.equal(actual.view(torch.int32), renormalize_rows(weights).view(torch.int32))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("fill", ["drop", "topk"])
+def test_fast_path_with_deterministic_algorithms(deterministic, fill):
+    """torch.use_deterministic_algorithms(True) takes the plain scatter: same bits."""
+    from routing_oracles import make_logits
+
+    logits = make_logits(97, 24, seed=3, mode="quantised")
+    expected = expert_choice_topk(logits, 4, fill=fill, num_token_non_padded=90, impl="reference")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        actual = expert_choice_topk(logits, 4, fill=fill, num_token_non_padded=90, impl="torch")
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert_same_routing(expected, actual)

@@ -104,3 +104,23 @@ def test_cuda_row_sum_is_sequential(num_slots):
     for slot in range(1, num_slots):
         loop = loop + weights[:, slot]
     assert torch.equal(sequential_row_sum(weights).view(torch.int32), loop.view(torch.int32))
+
+
+@pytest.mark.parametrize("fill", ["drop", "topk"])
+def test_deterministic_algorithms_mode(fill):
+    """Under torch.use_deterministic_algorithms the fast path takes no scatter with a
+    reduction (CUDA atomics): it alerts on no scatter and gives the reference bits."""
+    import warnings
+
+    logits = make_logits(300, 60, seed=9, dtype=torch.bfloat16, mode="quantised", device="cuda")
+    expected = expert_choice_topk(logits, 4, fill=fill, impl="reference")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            actual = expert_choice_topk(logits, 4, fill=fill, impl="torch")
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert not [w for w in caught if "scatter" in str(w.message)], [str(w.message) for w in caught]
+    assert_same_routing(expected, actual)
