@@ -17,18 +17,37 @@ Variants: ``seed`` (`sgl_ecpatch.bench.seed_baseline`), ``fast`` with
 bf16 logits, cf=1.25, fill="drop", renormalize, softmax, no bias (the benchmark's
 setting, `benchmarks/routing_torch.py`).
 
-Counts before -> after the op-count rewrite of `sgl_ecpatch.runtime.fast` (2026-11-26);
-the same at every shape of the benchmark except where the host shortcut applies
-(T=1: no expert can be full, so no column selection):
+Counts before -> after the op-count rewrite of `sgl_ecpatch.runtime.fast` (2026-11-26;
+"before" is commit 6c775ec, counted with this script). They do not depend on E or k,
+only on T through the host shortcuts: T = 1 (no expert can be full: no column
+selection) and T >= 1024, where the default column layout ("auto") takes the [E, T]
+key, one transpose copy more (forced ``column_layout="tokens"`` it is one op less):
 
-=================  ====  ============  ============
-shape (T, E, k)    seed  fast (None)   fast (n=dev)
-=================  ====  ============  ============
-T >= 16, any E, k   14   19 -> 10      26 -> 14
-T = 1               14   12 -> 6       16 -> 8
-=================  ====  ============  ============
+==================  ====  ===========  ============
+T                   seed  fast (None)  fast (n=dev)
+==================  ====  ===========  ============
+1                    13    12 -> 11     17 -> 14
+16, 256              13    19 -> 13     25 -> 18
+1024, 4096, 16384    13    19 -> 14     25 -> 19
+==================  ====  ===========  ============
 
-(filled in from this script's output; see the end of this docstring for the list.)
+Where the ops went (n=dev, T=16): the key is one ``arange`` + one ``add`` (was also
+a separate ``nan_to_num`` + ``where``: still there, but the tie line now also folds
+in the lowering constant); ``scatter_(reduce="add")`` of a constant instead of an add
+of the values + scatter (n on the host); the row and rank masks share one float64
+buffer and one ``lt`` (was ``arange``, ``lt``, ``arange``, ``floor_divide``, ``lt``);
+ids are one ``where`` on a bool view of the keys' flag byte (was ``ge``, ``where``,
+``_to_copy``); weights are the keys' high words clamped at 0 (was ``gather``,
+``nan_to_num``, ``where``, and a hidden transpose copy inside ``cumsum``); the padding
+rows need no final fill with "drop". Each call also has one ``topk`` fewer than the
+seed (2 against 3; a ``topk`` is a few kernel launches on CUDA).
+
+Prediction for the H200 table (benchmarks/routing_torch_h200.md; about 2.5 us per
+small kernel in a graph replay): at T <= 256 "fast n=dev" drops by about 15 us (e.g.
+E=128, T=16: 69 -> about 52 us, the seed 51) and "fast" by about 12 us (55 -> about
+42, faster than the seed); at T >= 4096 the int64 selections dominate, so the gain is
+the [E, T] layout's (the old "col=E,T" column) plus a few us: about even with the seed
+at E=512, T=16384, nowhere near 2x. Measured results: to be filled in from the GPU run.
 """
 
 from __future__ import annotations

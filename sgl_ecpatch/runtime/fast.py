@@ -1,8 +1,9 @@
 """Fast expert-choice routing in PyTorch: vectorised and CUDA-graph safe.
 
 Same results as `reference` (same ids, bitwise-identical weights) with a fixed
-number of torch ops whatever T and E are (about 10 to 14 kernels, see
-``benchmarks/count_ops.py``): no Python loop over tokens or experts (only over the k
+number of torch ops whatever T and E are (11 to 14 aten ops with n on the host, 14
+to 19 with n on the device, bf16 logits, see ``benchmarks/count_ops.py``; the seed
+baseline has 13): no Python loop over tokens or experts (only over the k
 slots when renormalising on the CPU, in slot order, see `scoring`), no ``.item()``,
 no ``nonzero`` or boolean indexing, and only shapes known on the host, also when
 ``num_token_non_padded`` is a device tensor. Every choice below is made on the host
@@ -28,14 +29,18 @@ How it works:
    kernel): chosen entries get D back, so they rank above every other entry of
    their row.
 2. Expert choice: ``topk(K, C, dim=0)`` picks each expert's tokens and
-   ``scatter_(reduce="add")`` adds D at those places. Padding rows are excluded by
+   ``scatter_(reduce="add")`` adds D at those places (a plain scatter of the values
+   plus D under ``torch.use_deterministic_algorithms``, where the atomic add alerts). Padding rows are excluded by
    slicing (n on the host) or by giving them the NaN rank (n on the device: they tie
    with NaN rows and lose on the index, and ``C(n) <= n``). With n on the device the
    capacity ``C(n)`` is data-dependent: the selection takes the static bound ``C(T)``
-   sorted and adds D only for ranks ``r < C(n)``, a comparison with n on the device.
+   sorted and adds D only for ranks ``r < C(n)``, a comparison with n on the device
+   (the same ``lt`` kernel as the padding rows' mask).
 3. One row-wise ``topk(k)`` lists a token's chosen experts first, in key order, then
    its best other experts: exactly the slot list of ``fill="topk"``; ``fill="drop"``
-   makes the unchosen slots vacant (their keys are below a host constant).
+   makes the unchosen slots vacant: without a bias, byte 3 of a key is a chosen flag
+   (1 or 0) read as a bool view, so the ids take one ``where``; with a bias, a key
+   is chosen iff it is above a host constant.
 4. Weights: the score bits from the keys' high words clamped at 0 (no bias: NaN,
    vacant and padding slots all come out as +0.0), or a gather of the scores with
    NaN -> 0 and vacant -> 0; then renormalised by the shared sequential sum, computed
@@ -218,9 +223,6 @@ def run_torch(
     else:
         hi = ordered_int32(ranking_key(scores, plan.correction_bias))
 
-    # Rows that are valid, as a [T, 1] device mask, only when n lives on the device.
-    # n is compared, never multiplied, so it needs no clamp and no cast (an int32 n
-    # cannot overflow): t < n and the rank test below hold for clamp(n, 0, T) alike.
     everyone = _everyone_chosen(plan)
     max_capacity = plan.max_capacity if n_host is None else plan.host_capacity
     selecting = not everyone and max_capacity > 0

@@ -90,6 +90,8 @@ def test_fast_path_equals_reference(case):
     expected = expert_choice_topk(logits, top_k, impl="reference", **kwargs)
     actual = expert_choice_topk(logits, top_k, impl="torch", **kwargs)
     assert_same_routing(expected, actual, context=f"T,E,k={tuple(logits.shape)},{top_k} {kwargs}")
+    # The MoE runners read both outputs as plain contiguous [T, k] arrays.
+    assert actual[0].is_contiguous() and actual[1].is_contiguous()
     # Both layouts (experts' selection down the [T, E] key's columns or along an
     # [E, T] key's rows) give the same bits; so does the key layout without the flag
     # byte (used past T + E > 2**24), forced here by a tiny flag limit.
