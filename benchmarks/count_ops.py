@@ -31,10 +31,10 @@ T                   seed  fast (None)  fast (n=dev)
 1024, 4096, 16384    13    19 -> 14     25 -> 19
 ==================  ====  ===========  ============
 
-Where the ops went (n=dev, T=16): the key is one ``arange`` + one ``add`` (was also
-a separate ``nan_to_num`` + ``where``: still there, but the tie line now also folds
-in the lowering constant); ``scatter_(reduce="add")`` of a constant instead of an add
-of the values + scatter (n on the host); the row and rank masks share one float64
+Where the ops went (T=16): the key is still ``nan_to_num``, one ``arange`` and one
+``add``, but it is built already lowered (the constant is folded into the tie line),
+so n on the host needs one ``scatter_(reduce="add")`` of a constant (was an add of
+the values + scatter); the row and rank masks share one float64
 buffer and one ``lt`` (was ``arange``, ``lt``, ``arange``, ``floor_divide``, ``lt``);
 ids are one ``where`` on a bool view of the keys' flag byte (was ``ge``, ``where``,
 ``_to_copy``); weights are the keys' high words clamped at 0 (was ``gather``,
