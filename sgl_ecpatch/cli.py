@@ -137,7 +137,7 @@ def enable(
         raise ui.UsageError(f"--min-tokens must be >= 0, got {min_tokens}")
     from sgl_ecpatch.patcher.rewrite import enable_source
 
-    models, bad_paths = _collect_or_fail(paths)
+    models, bad_paths, _ = _collect_or_fail(paths)
     install = not (diff or check)
     vendor = _vendor() if install else None
     if vendor is not None and (min_tokens is not None or layers is not None):
@@ -187,7 +187,7 @@ def disable(
     """
     from sgl_ecpatch.patcher.rewrite import disable_source
 
-    models, bad_paths = _collect_or_fail(paths)
+    models, bad_paths, _ = _collect_or_fail(paths)
     report = _run_batch(models, lambda text, name: disable_source(text, remove=remove, filename=name),
                         verb="restored" if remove else "switched off", dry_run=dry_run, diff=diff, check=check,
                         errors=bad_paths)
@@ -303,15 +303,16 @@ def _finish(report: _Report, *, diff: bool, check: bool, dry_run: bool) -> None:
         raise typer.Exit(ui.EXIT_CHANGES)
 
 
-def _collect_or_fail(paths: list[Path]) -> tuple[list, int]:
-    """Model files under `paths` and the number of bad paths (each reported); exit 2 if none."""
+def _collect_or_fail(paths: list[Path]) -> tuple[list, int, dict[Path, bytes]]:
+    """Model files under `paths`, the number of bad paths (each reported) and the texts read;
+    exit 2 if there is no model file."""
     with _spinner("looking for TopK(...) calls"):
-        models, errors, _ = pfiles.collect(paths)
+        models, errors, texts = pfiles.collect(paths)
     for problem in errors:
         _report_failure(pfiles.display_path(problem.path), problem.failure)
     if not models:
         raise typer.Exit(ui.EXIT_USAGE)
-    return models, len(errors)
+    return models, len(errors), texts
 
 
 def _progress(items: list, label: str):
@@ -381,12 +382,7 @@ def status(
     build and the backend variable.
     """
     paths = list(paths or [_installed_sglang()])
-    with _spinner("looking for TopK(...) calls"):
-        models, errors, texts = pfiles.collect(paths)
-    for problem in errors:
-        _report_failure(pfiles.display_path(problem.path), problem.failure)
-    if not models:
-        raise typer.Exit(ui.EXIT_USAGE)
+    models, bad_paths, texts = _collect_or_fail(paths)
     rows = []
     importer_cache: dict[Path, dict[Path, bytes]] = {}
     for model in models:
@@ -402,7 +398,7 @@ def status(
     else:
         _print_table(rows)
         _print_roots(models)
-    if errors:
+    if bad_paths:
         raise typer.Exit(ui.EXIT_USAGE)
 
 
