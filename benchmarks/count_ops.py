@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -207,9 +206,7 @@ def main(argv=None) -> int:
         print(f"| {T} | {E} | {k} | " + " | ".join(str(counts[n]) for n in names) + " |")
     if args.list:
         for shape, name, ops in listings:
-            summary = ", ".join(f"{op.replace('aten.', '')}" + (f" x{c}" if c > 1 else "") for op, c in Counter(ops).items())
             print(f"\n{shape} {name}: {len(ops)} ops\n  " + "\n  ".join(ops))
-            del summary
     return 0
 
 

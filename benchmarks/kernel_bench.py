@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import types
 from pathlib import Path
 
@@ -256,32 +255,19 @@ def main() -> int:
     methods["torch"] = lambda x, k: expert_choice_topk(x, k, impl="torch")
     methods["kernel"] = lambda x, k: kernel.expert_choice_topk_cuda(x, k)
 
-    def kernel_no_pdl(x, k):
-        os.environ["SGL_ECPATCH_KERNEL_PDL"] = "0"
-        try:
-            return kernel.expert_choice_topk_cuda(x, k)
-        finally:
-            os.environ.pop("SGL_ECPATCH_KERNEL_PDL", None)
+    def kernel_with(knob, value):
+        """The kernel with one of its environment knobs set for the call (read per call)."""
+        def run(x, k):
+            os.environ[knob] = value
+            try:
+                return kernel.expert_choice_topk_cuda(x, k)
+            finally:
+                os.environ.pop(knob, None)
+        return run
 
-    methods["kernel_no_pdl"] = kernel_no_pdl
-
-    def kernel_no_cluster(x, k):
-        os.environ["SGL_ECPATCH_KERNEL_CLUSTER_MAX_T"] = "0"
-        try:
-            return kernel.expert_choice_topk_cuda(x, k)
-        finally:
-            os.environ.pop("SGL_ECPATCH_KERNEL_CLUSTER_MAX_T", None)
-
-    methods["kernel_no_cluster"] = kernel_no_cluster
-
-    def kernel_no_fused(x, k):
-        os.environ["SGL_ECPATCH_KERNEL_FUSED_MAX"] = "0"
-        try:
-            return kernel.expert_choice_topk_cuda(x, k)
-        finally:
-            os.environ.pop("SGL_ECPATCH_KERNEL_FUSED_MAX", None)
-
-    methods["kernel_no_fused"] = kernel_no_fused
+    methods["kernel_no_pdl"] = kernel_with("SGL_ECPATCH_KERNEL_PDL", "0")
+    methods["kernel_no_cluster"] = kernel_with("SGL_ECPATCH_KERNEL_CLUSTER_MAX_T", "0")
+    methods["kernel_no_fused"] = kernel_with("SGL_ECPATCH_KERNEL_FUSED_MAX", "0")
 
     if args.profile:
         profile_kernels(kernel)

@@ -24,7 +24,7 @@ from typing import Iterable, List, Optional
 
 from sgl_ecpatch import vendor
 from sgl_ecpatch.patcher.files import decode_source, iter_python_files, marker_remains, unified_diff
-from sgl_ecpatch.patcher.model import MARKER, Changed, Failed, Unchanged
+from sgl_ecpatch.patcher.model import MARKER, Changed, Failed
 
 
 class NotAGitRepository(Exception):
