@@ -14,10 +14,13 @@ call in microseconds. Variants:
 * ``fast``: `sgl_ecpatch.runtime.fast` with ``num_token_non_padded=None``;
 * ``fast n=dev``: the same with ``num_token_non_padded`` as a device tensor, what SGLang
   passes under CUDA graphs (capacity decided on the device);
-* ``fast col=T,E`` / ``fast col=E,T``: ``fast n=dev`` with the experts' selection
-  forced down the columns of the [T, E] key / along the rows of an [E, T] key
-  (`runtime.fast.COLUMN_LAYOUT`; "auto", the default, takes [E, T] from
-  `runtime.fast.EXPERTS_LAYOUT_MIN_TOKENS` tokens on: set it where these two cross);
+* ``int64 n=dev``: ``fast n=dev`` forced onto the int64 pipeline (`runtime.fast`,
+  ``row_stage="topk"``: unique int64 keys and two `torch.topk`; the only one with a
+  correction bias, and the default before the int32 pipeline);
+* ``<column>/<row> n=dev``: ``fast n=dev`` with the int32 pipeline's stages forced
+  (column: stable sort of the [E, T] keys or top-k of unique int64 keys; row: stable
+  sort of the flagged [T, E] keys or a sort of the E*C chosen pairs): where these cross
+  sets `runtime.fast.SORT_MAX_TOKENS` and `PAIRS_MIN_ELEMENTS`;
 * ``cuda``: the CUDA kernel, when ``runtime.kernel.try_load()`` gives one.
 
 Without a GPU it runs one tiny size on the CPU and says that the times are not GPU times.
@@ -54,12 +57,11 @@ def _variants(num_tokens: int, device, with_kernel: bool):
         "fast n=dev": lambda x, k: expert_choice_topk_torch(
             x, k, capacity_factor=CAPACITY_FACTOR, num_token_non_padded=n_dev
         ),
-        "fast col=T,E": lambda x, k: run_torch(
-            x, validate(x, k, capacity_factor=CAPACITY_FACTOR, num_token_non_padded=n_dev), column_layout="tokens"
-        ),
-        "fast col=E,T": lambda x, k: run_torch(
-            x, validate(x, k, capacity_factor=CAPACITY_FACTOR, num_token_non_padded=n_dev), column_layout="experts"
-        ),
+        "int64 n=dev": lambda x, k: _staged(x, k, n_dev, row_stage="topk"),
+        "sort/sort n=dev": lambda x, k: _staged(x, k, n_dev, column_stage="sort", row_stage="sort"),
+        "topk/sort n=dev": lambda x, k: _staged(x, k, n_dev, column_stage="topk", row_stage="sort"),
+        "topk/pairs n=dev": lambda x, k: _staged(x, k, n_dev, column_stage="topk", row_stage="pairs"),
+        "sort/pairs n=dev": lambda x, k: _staged(x, k, n_dev, column_stage="sort", row_stage="pairs"),
     }
     if with_kernel:
         from sgl_ecpatch.runtime.kernel import expert_choice_topk_cuda
@@ -75,6 +77,11 @@ def _variants(num_tokens: int, device, with_kernel: bool):
             fill="drop",
         )
     return out
+
+
+def _staged(x, k, n_dev, **stages):
+    plan = validate(x, k, capacity_factor=CAPACITY_FACTOR, num_token_non_padded=n_dev)
+    return run_torch(x, plan, **stages)
 
 
 def _kernel_available(device) -> bool:

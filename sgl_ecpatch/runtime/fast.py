@@ -200,8 +200,14 @@ def run_torch(
     plan: RoutingPlan,
     *,
     column_layout: Optional[str] = None,
+    column_stage: Optional[str] = None,
+    row_stage: Optional[str] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Route with validated arguments (see `expert_choice_topk_torch`).
+
+    ``column_stage`` / ``row_stage`` (default `COLUMN_STAGE` / `ROW_STAGE`) pick how
+    the experts' and the tokens' selections run (see "Stages" in the module docstring);
+    every choice gives the same bits.
 
     ``column_layout`` ("auto", "tokens" or "experts", default `COLUMN_LAYOUT`): the
     experts' selection runs down the columns of the [T, E] key, or along the rows of an
@@ -216,16 +222,19 @@ def run_torch(
         return _empty_result(plan, device)
 
     scores = routing_scores(router_logits, plan.scoring_func)
+    everyone = _everyone_chosen(plan)
+    max_capacity = plan.max_capacity if n_host is None else plan.host_capacity
+    selecting = not everyone and max_capacity > 0
+    stages = _stages(plan, selecting, column_stage or COLUMN_STAGE, row_stage or ROW_STAGE)
+    if stages is not None:
+        return _run_int32(scores, plan, stages, everyone=everyone, selecting=selecting, capacity=max_capacity)
+
     enc = _encoding(plan.correction_bias is not None, T, E)
     if enc.score_bits:
         # Softmax and sigmoid give +0.0 .. 1 or NaN (never -0.0): the bits are the order.
         hi = torch.nan_to_num(scores, nan=_NAN_BITS).view(torch.int32)
     else:
         hi = ordered_int32(ranking_key(scores, plan.correction_bias))
-
-    everyone = _everyone_chosen(plan)
-    max_capacity = plan.max_capacity if n_host is None else plan.host_capacity
-    selecting = not everyone and max_capacity > 0
 
     # Rows that are valid, as a [T, 1] device mask, and the capacity test of the sorted
     # ranks, only when n lives on the device (one compare for both, see `_device_masks`).
@@ -319,6 +328,167 @@ def run_torch(
         weights.narrow(0, n_host, T - n_host).fill_(0.0)
         ids.narrow(0, n_host, T - n_host).fill_(-1)
     return weights, ids
+
+
+# --- The int32 pipeline (no correction bias) --------------------------------------
+
+COLUMN_STAGE = "auto"
+ROW_STAGE = "auto"
+SORT_MAX_TOKENS = 4096  # torch sorts slices up to 4096 long in one kernel
+PAIRS_MIN_ELEMENTS = 2**23  # T * E from which "pairs" beats the row sort (H200)
+
+_FLAG32 = 2**30  # chosen flag of the int32 row key: above every score's bits (<= 0x3F800000)
+_NAN32 = -1  # a NaN score: below +0.0 (bits 0); a chosen NaN (2**30 - 1) stays above them
+_PAD32 = -2  # a padding row (n on the device): below NaN, so it loses every tie
+_ONE_BITS = 0x3F800000  # bits of 1.0, the largest score
+_PAIR_TOKEN_SHIFT, _PAIR_KEY_SHIFT = 41, 10  # pair = t << 41 | (1.0 bits - hi) << 10 | e
+_COLUMN64 = _Encoding(shift=2**32, tie_bits=30, flag=0, lowered=0, pad_hi=_PAD32, chosen_min=0, score_bits=True)
+
+
+def _stages(plan: RoutingPlan, selecting: bool, column_stage: str, row_stage: str) -> Optional[Tuple[str, str]]:
+    """(column stage, row stage) of the int32 pipeline, or None for the int64 one.
+
+    Decided on the host from the plan and shapes. The int32 pipeline needs scores as
+    the ranking key (no correction bias: with one the key takes all 32 bits and leaves
+    no room for the chosen flag).
+    """
+    for name, value, allowed in (("column_stage", column_stage, ("auto", "sort", "topk")),
+                                 ("row_stage", row_stage, ("auto", "sort", "pairs", "topk"))):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    if plan.correction_bias is not None or row_stage == "topk":
+        return None
+    T, E = plan.num_tokens, plan.num_experts
+    if column_stage == "auto":
+        column_stage = "sort" if T <= SORT_MAX_TOKENS else "topk"
+    pairs_ok = selecting and plan.fill == "drop" and T < 2 ** (63 - _PAIR_TOKEN_SHIFT) - 1 and E <= 2**_PAIR_KEY_SHIFT
+    if row_stage == "auto":
+        row_stage = "pairs" if pairs_ok and T * E >= PAIRS_MIN_ELEMENTS else "sort"
+    elif row_stage == "pairs" and not pairs_ok:
+        row_stage = "sort"  # nothing to pair up (or "topk" fill): the row sort does it all
+    return column_stage, row_stage
+
+
+def _run_int32(scores: torch.Tensor, plan: RoutingPlan, stages: Tuple[str, str], *, everyone: bool,
+               selecting: bool, capacity: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Route on int32 keys: one stable sort (or unique int64 top-k) per stage.
+
+    ``hi`` [T, E] int32 is the score's bits (scores are +0.0 .. 1, never -0.0, so the
+    bits are the order), -1 for NaN, -2 for padding rows when n is on the device.
+    Column stage: each expert's first ``capacity`` tokens in (hi desc, t asc) order,
+    from a stable descending sort of the [E, T] copy (ties keep the lower token first)
+    or from `torch.topk` on the unique int64 key ``hi * 2**32 + tie term``. Row stage:
+    "sort" adds 2**30 to the chosen entries of ``hi`` and sorts each row stably
+    (chosen first, then by score, ties to the lower expert); "pairs" sorts only the
+    E * capacity chosen (token, score, expert) triples packed in one int64 each.
+    """
+    T, E, k = plan.num_tokens, plan.num_experts, plan.top_k
+    device = scores.device
+    n_host = plan.num_valid
+    column_stage, row_stage = stages
+    hi = torch.nan_to_num(scores, nan=-1.0).view(torch.int32).clamp_(min=_NAN32)  # NaN: bits of -1.0 < -1
+
+    row_valid: Optional[torch.Tensor] = None
+    rank_kept: Optional[torch.Tensor] = None
+    if n_host is None:
+        n_dev = plan.num_valid_tensor
+        if n_dev.device != device:
+            n_dev = n_dev.to(device)
+        row_valid, rank_kept = _device_masks(plan, capacity if selecting else 0, n_dev, device)
+        hi = torch.where(row_valid, hi, _PAD32)
+
+    token_idx: Optional[torch.Tensor] = None  # [E, capacity]: each expert's tokens, best first
+    if selecting:
+        rows = hi if n_host is None or n_host == T else hi.narrow(0, 0, n_host)
+        if column_stage == "sort":
+            order = torch.sort(rows.t().contiguous(), dim=1, descending=True, stable=True).indices
+            token_idx = order.narrow(1, 0, capacity)
+        else:
+            key = _key(rows, _COLUMN64, 0, by_expert=True)
+            token_idx = torch.topk(key, capacity, dim=1, sorted=rank_kept is not None).indices
+
+    if row_stage == "pairs":
+        weight_bits, ids = _pairs_stage(hi, token_idx, rank_kept, plan)
+        weights = weight_bits.view(torch.float32)
+        if plan.renormalize:
+            weights = _renormalized(weights.t())
+        return weights, ids
+
+    flagged = selecting  # chosen entries carry 2**30
+    if selecting:
+        columns = hi.t()  # [E, T] view of the row keys
+        if rank_kept is None:
+            add = torch.full(token_idx.shape, _FLAG32, dtype=torch.int32, device=device)
+        else:
+            add = (rank_kept.to(torch.int32) * _FLAG32).expand(token_idx.shape)
+        # Tokens are distinct within a column, so adding is exact and order-free; under
+        # torch.use_deterministic_algorithms (where scatter_add alerts) add, then write.
+        if torch.are_deterministic_algorithms_enabled():
+            columns.scatter_(1, token_idx, columns.gather(1, token_idx) + add)
+        else:
+            columns.scatter_add_(1, token_idx, add)
+    vals, order = torch.sort(hi, dim=1, descending=True, stable=True)
+    top_vals, top_ids = vals.narrow(1, 0, k), order.narrow(1, 0, k)
+
+    chosen_only = plan.fill == "drop" and not everyone
+    occupied = (top_vals >= _FLAG32 - 1) if chosen_only else row_valid
+    low_ids = _words(top_ids, 0) if _LITTLE_ENDIAN else top_ids.to(torch.int32)
+    ids = torch.where(occupied, low_ids, -1) if occupied is not None else low_ids.contiguous()
+
+    slot_major = plan.renormalize
+    if plan.fill == "drop" or everyone:
+        # The sorted key minus the flag is the score's bits where the slot is chosen (or
+        # everyone is), negative where it is vacant, NaN or padding: clamped at 0.
+        bits = torch.empty((k, T) if slot_major else (T, k), dtype=torch.int32, device=device)
+        src = top_vals.t() if slot_major else top_vals
+        if flagged:
+            torch.sub(src, _FLAG32, out=bits).clamp_(min=0)
+        else:
+            torch.clamp(src, min=0, out=bits)
+        weights = bits.view(torch.float32)
+    else:
+        weights = torch.gather(scores.t(), 0, top_ids.t()) if slot_major else torch.gather(scores, 1, top_ids)
+        weights.nan_to_num_(nan=0.0)
+        if occupied is not None:
+            weights.mul_(occupied.t() if slot_major else occupied)
+    if slot_major:
+        weights = _renormalized(weights)
+    if n_host is not None and n_host < T and not chosen_only:
+        weights.narrow(0, n_host, T - n_host).fill_(0.0)
+        ids.narrow(0, n_host, T - n_host).fill_(-1)
+    return weights, ids
+
+
+def _pairs_stage(hi: torch.Tensor, token_idx: torch.Tensor, rank_kept: Optional[torch.Tensor],
+                 plan: RoutingPlan) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Row stage of "drop" from the E * C chosen pairs only: ([T, k] weight bits, ids).
+
+    Each pair (t, e) packs into one int64 ``t << 41 | (bits of 1.0 - hi) << 10 | e``, so
+    one ascending sort groups the pairs by token, best score first, ties to the lower
+    expert: a pair's slot is its position minus its token's first position
+    (`torch.searchsorted` on the sorted tokens). Slots past k, and pairs ranked past
+    C(n) (n on the device, packed as the largest int64), go to a dump element.
+    """
+    T, E, k = plan.num_tokens, plan.num_experts, plan.top_k
+    device = hi.device
+    experts = torch.arange(E, dtype=torch.int64, device=device).unsqueeze(1)
+    packed = torch.add(experts + (_ONE_BITS << _PAIR_KEY_SHIFT), token_idx, alpha=1 << _PAIR_TOKEN_SHIFT)
+    packed.sub_(hi.t().gather(1, token_idx), alpha=1 << _PAIR_KEY_SHIFT)
+    if rank_kept is not None:
+        packed = torch.where(rank_kept, packed, torch.iinfo(torch.int64).max)
+    packed = torch.sort(packed.view(-1)).values
+    tokens = packed >> _PAIR_TOKEN_SHIFT
+    slot = torch.arange(packed.numel(), device=device) - torch.searchsorted(tokens, tokens)
+    dump = T * k
+    dest = torch.add(slot, tokens, alpha=k).clamp_(max=dump)
+    dest = torch.where(slot < k, dest, dump)
+    # bits of the score = bits of 1.0 - the packed middle field; NaN (hi = -1) -> 0
+    bits = torch.clamp(_ONE_BITS - ((packed >> _PAIR_KEY_SHIFT) & (2**31 - 1)), min=0).to(torch.int32)
+    ids = torch.full((dump + 1,), -1, dtype=torch.int32, device=device)
+    ids.scatter_(0, dest, (packed & (2**_PAIR_KEY_SHIFT - 1)).to(torch.int32))
+    weight_bits = torch.zeros(dump + 1, dtype=torch.int32, device=device)
+    weight_bits.scatter_(0, dest, bits)
+    return weight_bits.narrow(0, 0, dump).view(T, k), ids.narrow(0, 0, dump).view(T, k)
 
 
 def _device_masks(

@@ -35,11 +35,12 @@ TIER = 2**62
 
 def routing_scores(router_logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
     """Scores ``S`` [T, E] float32 of ``router_logits`` [T, E] (any float dtype)."""
-    logits = router_logits.float()
     if scoring_func == "softmax":
-        return torch.softmax(logits, dim=-1)
+        # softmax(x.float()) in one kernel: the cast happens on load, same bits
+        # (tests/runtime pin the equality on the CPU and the GPU).
+        return torch.softmax(router_logits, dim=-1, dtype=torch.float32)
     if scoring_func == "sigmoid":
-        return torch.sigmoid(logits)
+        return torch.sigmoid(router_logits.float())
     raise ValueError(f"scoring_func must be 'softmax' or 'sigmoid', got {scoring_func!r}")
 
 

@@ -217,3 +217,20 @@ def test_fast_path_with_deterministic_algorithms(deterministic, fill):
     finally:
         torch.use_deterministic_algorithms(previous)
     assert_same_routing(expected, actual)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_softmax_with_dtype_is_softmax_of_float(dtype):
+    """routing_scores computes softmax(x, dtype=float32) (one kernel): the contract's
+    softmax(x.float()) bit for bit, NaN and infinities included."""
+    from sgl_ecpatch.runtime.scoring import routing_scores
+
+    gen = torch.Generator().manual_seed(3)
+    for T, E in [(1, 60), (33, 128), (64, 512), (5, 1000), (3, 7)]:
+        x = torch.randn(T, E, generator=gen) * 4
+        x[0, : E // 3] = float("-inf")
+        if T > 2:
+            x[1, 0], x[2, 1] = float("nan"), float("inf")
+        x = x.to(dtype)
+        expected = torch.softmax(x.float(), dim=-1)
+        assert torch.equal(routing_scores(x, "softmax").view(torch.int32), expected.view(torch.int32))

@@ -41,6 +41,38 @@ def test_cuda_fast_path_equals_reference(dtype, shape, mode, fill):
         plan = validate(logits, k, **kwargs)
         for layout in ("tokens", "experts"):
             assert_same_routing(expected, run_torch(logits, plan, column_layout=layout), context=f"{shape} {layout}")
+        for stages in STAGES:
+            actual = run_torch(logits, plan, column_stage=stages[0], row_stage=stages[1])
+            assert_same_routing(expected, actual, context=f"{shape} stages {stages}")
+
+
+STAGES = [("sort", "sort"), ("topk", "sort"), ("sort", "pairs"), ("topk", "pairs")]
+
+
+@pytest.mark.parametrize("shape", [(4096, 512, 10), (16384, 60, 4), (16384, 512, 10), (5000, 128, 8)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mode", ["normal", "quantised"])
+def test_cuda_stages_agree_at_bench_sizes(shape, mode):
+    """At the large bench sizes every stage gives the int64 pipeline's bits (which the
+    reference pins at the sizes above), with n on the host and on the device."""
+    T, E, k = shape
+    logits = make_logits(T, E, seed=T + E, dtype=torch.bfloat16, mode=mode, special_fraction=0.001, device="cuda")
+    for n in (None, T - 7, torch.tensor(T - 7, device="cuda")):
+        plan = validate(logits, k, num_token_non_padded=n)
+        expected = run_torch(logits, plan, row_stage="topk")
+        for stages in STAGES + [("auto", "auto")]:
+            actual = run_torch(logits, plan, column_stage=stages[0], row_stage=stages[1])
+            assert_same_routing(expected, actual, context=f"{shape} {mode} n={n} stages {stages}")
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_cuda_softmax_with_dtype_is_softmax_of_float(dtype):
+    """routing_scores runs softmax(x, dtype=float32): the bits of softmax(x.float())."""
+    for T, E in [(1, 60), (4096, 128), (300, 512), (7, 1024), (2, 2000)]:
+        x = make_logits(T, E, seed=T * E, dtype=DTYPES[dtype], special_fraction=0.01, device="cuda")
+        a = torch.softmax(x.float(), dim=-1).view(torch.int32)
+        b = torch.softmax(x, dim=-1, dtype=torch.float32).view(torch.int32)
+        assert torch.equal(a, b), (T, E, dtype)
 
 
 @pytest.mark.parametrize("shape", [(16, 60, 4), (1024, 128, 8)], ids=lambda s: "x".join(map(str, s)))

@@ -106,6 +106,12 @@ def test_fast_path_equals_reference(case):
     assert_same_routing(
         expected, run_torch(logits, plan, column_layout="experts"), context="column_layout=experts"
     )
+    # Every stage of the int32 pipeline (no bias; with a bias they fall back to int64).
+    for column_stage in ("sort", "topk"):
+        for row_stage in ("sort", "pairs"):
+            actual = run_torch(logits, plan, column_stage=column_stage, row_stage=row_stage)
+            assert_same_routing(expected, actual, context=f"stages {column_stage}/{row_stage}")
+            assert actual[0].is_contiguous() and actual[1].is_contiguous()
 
 
 @PROFILE
