@@ -45,6 +45,7 @@ MAX_EXPERTS = 1024
 MAX_TOP_K = 32
 FUSED_MAX_DEFAULT = 16384  # largest T * E routed in one launch (T <= 32, E <= 512)
 CLUSTER_MAX_T_DEFAULT = 256  # largest T routed by the one-cluster launch (sm_90+, E <= 256; at most 256)
+SELECT_SPLIT_AUTO = -1  # blocks per expert of the large-T radix select: chosen by the kernel (sm_90+)
 
 _DTYPE_CODES = {"torch.float32": 0, "torch.bfloat16": 1, "torch.float16": 2}
 _load_lock = threading.Lock()
@@ -185,7 +186,10 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
     `out=(weights, ids)` writes into given tensors (tests poison them first).
     Knobs, read per call: SGL_ECPATCH_KERNEL_PDL=0 (no programmatic dependent launch),
     SGL_ECPATCH_KERNEL_FUSED_MAX (largest T * E of the one-launch path),
-    SGL_ECPATCH_KERNEL_CLUSTER_MAX_T (largest T of the one-cluster path on sm_90+; 0: off).
+    SGL_ECPATCH_KERNEL_CLUSTER_MAX_T (largest T of the one-cluster path on sm_90+; 0: off),
+    SGL_ECPATCH_KERNEL_SELECT_SPLIT (blocks per expert of the large-T radix select on
+    sm_90+, a thread-block cluster: unset = chosen from E, T and the SM count; 0 or 1 =
+    one block per expert; 2, 4 or 8 = that many, raised where a slice would not fit).
     Raises ValueError for bad arguments, NotImplementedError for E > 1024 or
     top_k > 32, RuntimeError when the kernel cannot be loaded or launched.
     """
@@ -254,6 +258,7 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
     pdl = int(os.environ.get("SGL_ECPATCH_KERNEL_PDL", "1") != "0")
     fused_max = int(os.environ.get("SGL_ECPATCH_KERNEL_FUSED_MAX", str(FUSED_MAX_DEFAULT)))
     cluster_max_t = int(os.environ.get("SGL_ECPATCH_KERNEL_CLUSTER_MAX_T", str(CLUSTER_MAX_T_DEFAULT)))
+    select_split = int(os.environ.get("SGL_ECPATCH_KERNEL_SELECT_SPLIT", str(SELECT_SPLIT_AUTO)))
     workspace = torch.empty(int(lib.ec_workspace_bytes(num_tokens, num_experts, fused_max)), dtype=torch.uint8,
                             device=device)
     stream = torch.cuda.current_stream(device).cuda_stream
@@ -265,7 +270,7 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
         int(scoring_func == "sigmoid"), int(fill == "topk"), int(bool(renormalize)),
         workspace.data_ptr(), weights.data_ptr(), ids.data_ptr(),
         device.index if device.index is not None else torch.cuda.current_device(), stream,
-        pdl, fused_max, cluster_max_t,
+        pdl, fused_max, cluster_max_t, select_split,
     )
     if rc != 0:
         raise RuntimeError(f"expert-choice kernel launch failed: {lib.ec_error_string(rc).decode()}")

@@ -26,6 +26,8 @@
 //   T <= 256, E <= 256, sm_90+: cluster_route (one cluster of 16 blocks, one launch)
 //   T <= 1024:   keys (stats, keys transposed) -> warp_select -> token_route
 //   larger T:    keys -> select_radix (one block per expert) -> token_route
+//                (sm_90+: select_split, a cluster of B = 2-8 blocks per expert, where
+//                E * B fills the chip; SGL_ECPATCH_KERNEL_SELECT_SPLIT)
 //   (T*E > 2^24: no transposed keys; select_radix gathers its column)
 // The second and third launches use programmatic dependent launch on sm_90+.
 // Every reduction has a fixed order and histograms use integer atomics only, so the
@@ -150,6 +152,8 @@ struct Params {
   int renorm;
   int fused_max;       // largest T * E for the one-launch path
   int cluster_max_t;   // largest T for the one-cluster path (0: off; sm_90+ only)
+  int select_split;    // blocks per expert of the radix select: -1 automatic, 0/1 off, 2/4/8 (sm_90+)
+  int num_sms;         // host only: the device's SM count (automatic select split)
   float2* stats;       // [T] (m, s) of softmax rows; null: recompute per row
   uint32_t* keys_t;    // [E, T] ordered keys, transposed; null: select gathers them
   uint32_t* thr_key;   // [E]
@@ -499,6 +503,205 @@ __global__ void __launch_bounds__(kSelectThreads) select_radix_kernel(Params p, 
     p.thr_key[e] = prefix;
     p.thr_tok[e] = s_tok;
   }
+}
+
+// ---------------------------------------------------------------------------
+// Kernel 2c (large T, sm_90+, transposed keys): the radix select of kernel 2b with each
+// expert's column split over a thread-block cluster of B blocks (B = 2, 4 or 8, chosen
+// on the host: E * B about 2-4x the SM count, >= 1024 tokens per block). Block r of
+// expert e's cluster owns tokens [r S, r S + S) (S = ceil(T / B), cut at n), so token
+// order is block order, then index; its slice stays in its shared memory.
+// The column's min and max (for the common-prefix skip) are reduced over the cluster
+// through distributed shared memory (DSMEM). Each pass of 8-bit digits: a local
+// histogram (256 bins, one per thread), cluster.sync(), then every block sums the B
+// histograms bin by bin (DSMEM reads) and takes the same bin decision as kernel 2b.
+// The histograms are double-buffered: a block resets buffer b two passes after it
+// used it, behind the next pass's cluster.sync(), which no block passes before every
+// block has read buffer b; so one cluster barrier per pass. The first pass's keys
+// crowd into few bins (softmax scores share their exponent bits): its increments are
+// warp-aggregated with __match_any_sync; later passes see few keys and plain atomics.
+// Ties (keys equal to the threshold): the last pass's local bin is this block's count
+// of them; an exclusive prefix over lower block ranks (DSMEM) names the one block that
+// holds the `remaining`-th tie, and that block writes thr_key[e] and thr_tok[e].
+// Results are exact integers (integer atomics, integer sums), bit-identical to 2b.
+
+constexpr int kSplitThreads = 256;
+constexpr int kSplitBits = 8;  // 256 bins: one per thread
+constexpr int kSplitMaxB = 8;  // portable cluster sizes only
+constexpr int kSplitSmemKeysMax = 32768;  // 128 KiB slice per block
+constexpr int kSplitMinKeys = 1024;        // automatic B keeps at least this many tokens per block
+
+__global__ void __launch_bounds__(kSplitThreads) select_split_kernel(Params p, int B, int S) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  extern __shared__ uint32_t col[];  // [S]: this block's slice of the column
+  __shared__ unsigned hist[2][1 << kSplitBits];
+  __shared__ int swarp[32];
+  __shared__ unsigned s_lo, s_hi, s_glo, s_ghi;
+  __shared__ unsigned s_bin, s_rem;
+  __shared__ int s_all_equal_taken, s_before;
+  cg::cluster_group cluster = cg::this_cluster();
+  allow_dependents();
+  wait_for_predecessor();  // before any exit: our completion must imply keys_kernel's
+  const int r = static_cast<int>(cluster.block_rank());
+  const int e = blockIdx.x / B;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int n = read_n(p);
+  const int C = capacity(p, n);
+  if (C == 0 || C >= n) {  // uniform per cluster: every block leaves before any barrier
+    if (r == 0) trivial_threshold(p, e, n, C);
+    return;
+  }
+  auto slice_lo = [&](int q) { return min(n, q * S); };
+  const int t_lo = slice_lo(r), len = slice_lo(r + 1) - t_lo;
+  const uint32_t* gcol = p.keys_t + static_cast<long long>(e) * p.T + t_lo;
+  uint32_t lo = 0xffffffffu, hi = 0u;
+#pragma unroll 4
+  for (int i = tid; i < len; i += kSplitThreads) {
+    const uint32_t u = __ldg(gcol + i);
+    col[i] = u;
+    lo = min(lo, u);
+    hi = max(hi, u);
+  }
+  lo = __reduce_min_sync(kFull, lo);
+  hi = __reduce_max_sync(kFull, hi);
+  if (lane == 0) {
+    swarp[warp] = static_cast<int>(lo);
+    swarp[16 + warp] = static_cast<int>(hi);
+  }
+  __syncthreads();
+  if (warp == 0) {
+    constexpr int nw = kSplitThreads / 32;
+    lo = lane < nw ? static_cast<unsigned>(swarp[lane]) : 0xffffffffu;
+    hi = lane < nw ? static_cast<unsigned>(swarp[16 + lane]) : 0u;
+    lo = __reduce_min_sync(kFull, lo);
+    hi = __reduce_max_sync(kFull, hi);
+    if (lane == 0) {
+      s_lo = lo;
+      s_hi = hi;
+    }
+  }
+  cluster.sync();  // every block started, its slice and (s_lo, s_hi) written
+  if (warp == 0) {
+    lo = lane < B ? *cluster.map_shared_rank(&s_lo, lane) : 0xffffffffu;
+    hi = lane < B ? *cluster.map_shared_rank(&s_hi, lane) : 0u;
+    lo = __reduce_min_sync(kFull, lo);
+    hi = __reduce_max_sync(kFull, hi);
+    if (lane == 0) {
+      s_glo = lo;
+      s_ghi = hi;
+      s_all_equal_taken = 0;
+    }
+  }
+  __syncthreads();
+  const uint32_t diff = s_glo ^ s_ghi;
+  int bits_left = diff ? 32 - __clz(diff) : 0;  // bits below the common prefix
+  uint32_t mask = bits_left == 32 ? 0u : ~((1u << bits_left) - 1u);
+  uint32_t prefix = s_glo & mask;
+  unsigned remaining = static_cast<unsigned>(C);  // rank (1-based) still to find
+  const bool any_pass = bits_left > 0;
+  int buf = 0;
+  bool first = true;
+  while (bits_left > 0) {
+    const int width = bits_left < kSplitBits ? bits_left : kSplitBits;
+    const int shift = bits_left - width;
+    const unsigned nbins = 1u << width;
+    unsigned* h = hist[buf];
+    h[tid] = 0u;
+    __syncthreads();
+    if (first) {  // every key matches the prefix; few distinct bins per warp
+      for (int base = 0; base < len; base += kSplitThreads) {  // uniform trip count
+        const int i = base + tid;
+        const unsigned bin = i < len ? (col[i] >> shift) & (nbins - 1u) : 0xffffffffu;
+        const unsigned peers = __match_any_sync(kFull, bin);
+        if (i < len && (__ffs(peers) - 1) == lane) atomicAdd(&h[bin], static_cast<unsigned>(__popc(peers)));
+      }
+    } else {
+      for (int i = tid; i < len; i += kSplitThreads) {
+        const uint32_t u = col[i];
+        if ((u & mask) == prefix) atomicAdd(&h[(u >> shift) & (nbins - 1u)], 1u);
+      }
+    }
+    cluster.sync();  // every block's histogram of this pass is complete
+    unsigned g = 0u;
+    if (static_cast<unsigned>(tid) < nbins) {
+#pragma unroll
+      for (int q = 0; q < kSplitMaxB; ++q)
+        if (q < B) g += cluster.map_shared_rank(h, q)[tid];
+    }
+    int total;
+    const int below = block_exclusive_scan(static_cast<int>(g), swarp, total);
+    const unsigned above = static_cast<unsigned>(total - below) - g;  // keys in higher bins
+    if (g > 0u && above < remaining && remaining <= above + g) {
+      s_bin = static_cast<unsigned>(tid);
+      s_rem = remaining - above;
+      s_all_equal_taken = (shift == 0 && g == remaining - above) ? 1 : 0;
+    }
+    __syncthreads();
+    prefix |= s_bin << shift;
+    mask |= (nbins - 1u) << shift;
+    remaining = s_rem;
+    bits_left = shift;
+    buf ^= 1;
+    first = false;
+  }
+  // The threshold key is `prefix`; among the keys equal to it, the `remaining` lowest
+  // token indices are taken. This block's count of them: the last pass's local bin
+  // (its low bits are the key's last bits), or the whole slice when no pass ran.
+  const unsigned* hl = hist[buf ^ 1];
+  const unsigned bin = any_pass ? s_bin : 0u;
+  if (!s_all_equal_taken && warp == 0) {
+    unsigned c = 0u;
+    if (lane < r) c = any_pass ? cluster.map_shared_rank(hl, lane)[bin] : static_cast<unsigned>(slice_lo(lane + 1) - slice_lo(lane));
+    c = __reduce_add_sync(kFull, c);
+    if (lane == 0) s_before = static_cast<int>(c);
+  }
+  __syncthreads();
+  cluster.barrier_arrive();  // this block's last read of another block's shared memory is done
+  const unsigned mine = any_pass ? hl[bin] : static_cast<unsigned>(len);
+  if (s_all_equal_taken) {
+    if (r == 0 && tid == 0) {
+      p.thr_key[e] = prefix;
+      p.thr_tok[e] = n;
+    }
+  } else {
+    const unsigned before = static_cast<unsigned>(s_before);
+    if (before < remaining && remaining <= before + mine) {  // uniform per block: the tie is here
+      // warp w scans the contiguous run [w W, w W + W) of the slice, W a multiple of 32
+      constexpr int nw = kSplitThreads / 32;
+      const int W = ((len + nw - 1) / nw + 31) & ~31;
+      const int w_lo = min(len, warp * W), w_hi = min(len, w_lo + W);
+      int cnt = 0;
+      for (int base = w_lo; base < w_hi; base += 32) {
+        const int i = base + lane;
+        cnt += __popc(__ballot_sync(kFull, i < w_hi && col[i] == prefix));
+      }
+      if (lane == 0) swarp[warp] = cnt;
+      __syncthreads();
+      int need = static_cast<int>(remaining - before);
+      for (int w = 0; w < warp; ++w) need -= swarp[w];
+      if (need >= 1 && need <= cnt) {  // uniform per warp: exactly one warp
+        const unsigned lt_mask = (1u << lane) - 1u;
+        for (int base = w_lo; base < w_hi; base += 32) {
+          const int i = base + lane;
+          const bool eq = i < w_hi && col[i] == prefix;
+          const unsigned bal = __ballot_sync(kFull, eq);
+          const int c = __popc(bal);
+          if (need <= c) {
+            const unsigned who = __ballot_sync(kFull, eq && __popc(bal & lt_mask) == need - 1);
+            if (lane == 0) {
+              p.thr_key[e] = prefix;
+              p.thr_tok[e] = t_lo + base + __ffs(who) - 1;
+            }
+            break;
+          }
+          need -= c;
+        }
+      }
+    }
+  }
+  cluster.barrier_wait();  // no block leaves while another may still read its shared memory
+#endif
 }
 
 // ---------------------------------------------------------------------------
@@ -992,6 +1195,70 @@ bool launch_cluster(const Params& p, cudaStream_t stream, cudaError_t& err) {
   return launch_cluster_nb<DT, VPL, EPW, 16>(p, stream, err) || launch_cluster_nb<DT, VPL, EPW, 8>(p, stream, err);
 }
 
+// Blocks per expert of the radix select (kernel 2c), 1 for kernel 2b. Automatic: the
+// largest B in {8, 4, 2} with E * B <= 4 x the SM count and T / B >= kSplitMinKeys;
+// a forced B is raised until the slice fits kSplitSmemKeysMax.
+inline int split_blocks(const Params& p) {
+  if (p.keys_t == nullptr || (p.select_split >= 0 && p.select_split <= 1)) return 1;
+  int B = 1;
+  if (p.select_split < 0) {
+    for (int c = kSplitMaxB; c >= 2; c >>= 1) {
+      if (static_cast<long long>(p.E) * c <= 4LL * p.num_sms && p.T / c >= kSplitMinKeys) {
+        B = c;
+        break;
+      }
+    }
+    if (B == 1) return 1;
+  } else {
+    B = p.select_split >= 8 ? 8 : p.select_split >= 4 ? 4 : 2;
+  }
+  while (B < kSplitMaxB && (p.T + B - 1) / B > kSplitSmemKeysMax) B *= 2;
+  return (p.T + B - 1) / B > kSplitSmemKeysMax ? 1 : B;
+}
+
+// Kernel 2c as clusters of B blocks per expert, with PDL where `pdl`. Whether such a
+// cluster with this much shared memory can run is asked once per B and shared-memory
+// size (cached per process). Returns false, with nothing launched, where it cannot.
+inline bool launch_select_split(const Params& p, int B, cudaStream_t stream, bool pdl, cudaError_t& err) {
+  static size_t ok_upto[kSplitMaxB + 1] = {}, bad_from[kSplitMaxB + 1] = {};
+  if (B < 2 || B > kSplitMaxB) return false;
+  const int S = (p.T + B - 1) / B;
+  const size_t smem = static_cast<size_t>(S) * sizeof(uint32_t);
+  if (bad_from[B] != 0 && smem >= bad_from[B]) return false;
+  if (cudaFuncSetAttribute(select_split_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(smem)) != cudaSuccess) {
+    cudaGetLastError();
+    bad_from[B] = smem;
+    return false;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(p.E * B);
+  cfg.blockDim = dim3(kSplitThreads);
+  cfg.dynamicSmemBytes = smem;
+  cudaLaunchAttribute attr[2];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = B;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  if (smem > ok_upto[B]) {
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, select_split_kernel, &cfg) != cudaSuccess || clusters < 1) {
+      cudaGetLastError();
+      bad_from[B] = smem;
+      return false;
+    }
+    ok_upto[B] = smem;
+  }
+  cfg.numAttrs = pdl ? 2 : 1;
+  cfg.stream = stream;
+  err = cudaLaunchKernelEx(&cfg, select_split_kernel, p, B, S);
+  return true;
+}
+
 template <int DT, int VPL>
 cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
   cudaError_t err;
@@ -1027,6 +1294,11 @@ cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
     if (err != cudaSuccess) return err;
     return launch(token_route_kernel<DT, VPL>, token_grid, kTokenWarps * 32, 0, stream, pdl, p);
   }
+  const int split = split_blocks(p);
+  if (split > 1 && launch_select_split(p, split, stream, pdl, err)) {
+    if (err != cudaSuccess) return err;
+    return launch(token_route_kernel<DT, VPL>, token_grid, kTokenWarps * 32, 0, stream, pdl, p);
+  }
   const int smem_keys = p.T < kSmemKeysMax ? p.T : kSmemKeysMax;
   const size_t smem = static_cast<size_t>(smem_keys) * sizeof(uint32_t);
   if ((err = cudaFuncSetAttribute(select_radix_kernel<DT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1053,7 +1325,7 @@ cudaError_t launch_all(const Params& p, cudaStream_t stream, bool pdl) {
 extern "C" {
 
 // Version of this C interface; the Python side checks it after loading.
-int ec_abi_version() { return 5; }
+int ec_abi_version() { return 6; }
 
 // Bytes of device workspace for T tokens and E experts: row statistics [T], the
 // thresholds [E] twice, and outside the one-launch path (up to 2^24 elements) the
@@ -1077,12 +1349,15 @@ const char* ec_error_string(int code) {
 // out_w [T, k] float32 and out_id [T, k] int32. `pdl_enabled` lets the second and third
 // kernels start early (programmatic dependent launch, sm_90+); `fused_max` is the
 // largest T * E routed by the one-launch kernel; `cluster_max_t` the largest T routed
-// by the one-cluster kernel (sm_90+, E <= 256, T <= 256; 0 turns it off). Returns 0 or
-// an error code (see ec_error_string).
+// by the one-cluster kernel (sm_90+, E <= 256, T <= 256; 0 turns it off);
+// `select_split` the blocks per expert of the large-T radix select (sm_90+: -1 chooses,
+// 0 or 1 is one block, 2/4/8 a cluster of that many). Returns 0 or an error code (see
+// ec_error_string).
 int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bias, int bias_dtype,
              const void* n_ptr, int n_is_64, long long n_host, long long cf_num, long long cf_den,
              int sigmoid, int fill_topk, int renorm, void* workspace, float* out_w, int* out_id,
-             int device, void* stream, int pdl_enabled, int fused_max, int cluster_max_t) {
+             int device, void* stream, int pdl_enabled, int fused_max, int cluster_max_t,
+             int select_split) {
   if (E < 1 || E > ec::kMaxExperts || k < 1 || k > E || k > ec::kMaxTopK) return -1;
   if (T <= 0) return 0;
   int prev = -1;
@@ -1106,6 +1381,8 @@ int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bia
   p.renorm = renorm;
   p.fused_max = fused_max;
   p.cluster_max_t = cluster_max_t;
+  p.select_split = select_split;
+  p.num_sms = 0;
   char* ws = static_cast<char*>(workspace);
   const long long off_thr = static_cast<long long>(T) * 8;
   const long long off_keys = (off_thr + static_cast<long long>(E) * 8 + 255) / 256 * 256;
@@ -1121,7 +1398,11 @@ int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bia
   // PDL measured a gain up to a few thousand tokens and at E >= 512; a loss at
   // T = 4096 with E <= 256 (dependents holding SM slots while the select runs)
   const bool pdl = major >= 9 && pdl_enabled && (T <= 2048 || E >= 512);
-  if (major < 9) p.cluster_max_t = 0;  // thread-block clusters: sm_90+
+  if (major < 9) {  // thread-block clusters: sm_90+
+    p.cluster_max_t = 0;
+    p.select_split = 0;
+  }
+  if (p.select_split < 0) cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, device);
   cudaError_t err;
   if (dtype == ec::kDtF32) err = ec::launch_all<ec::kDtF32>(p, s, pdl);
   else if (dtype == ec::kDtBf16) err = ec::launch_all<ec::kDtBf16>(p, s, pdl);
