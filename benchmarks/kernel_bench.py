@@ -190,7 +190,14 @@ def profile_kernels(kernel) -> None:
     """Per-kernel device time of the kernel's launches at a few sizes (eager, profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
-    for T, E, k in [(1, 128, 8), (64, 512, 10), (1024, 512, 10), (16384, 512, 10), (16384, 128, 8)]:
+    points = [(1, 128, 8, None), (64, 512, 10, None), (1024, 512, 10, None), (16384, 512, 10, None),
+              (16384, 128, 8, None), (16384, 60, 4, None), (4096, 128, 8, None),
+              (16384, 60, 4, "0"), (4096, 128, 8, "0")]  # split select on (automatic) and off
+    for T, E, k, split in points:
+        if split is None:
+            os.environ.pop("SGL_ECPATCH_KERNEL_SELECT_SPLIT", None)
+        else:
+            os.environ["SGL_ECPATCH_KERNEL_SELECT_SPLIT"] = split
         x = torch.randn(T, E, device="cuda").to(torch.bfloat16)
         for _ in range(3):
             kernel.expert_choice_topk_cuda(x, k)
@@ -204,7 +211,9 @@ def profile_kernels(kernel) -> None:
             dev = getattr(ev, "device_time", None) or getattr(ev, "cuda_time", 0)
             if ev.count and dev:
                 rows.append(f"{ev.key[:60]}: {dev:.1f} us x{ev.count}")
-        print(f"profile T={T} E={E} k={k}: " + "; ".join(rows), flush=True)
+        label = "" if split is None else f" SELECT_SPLIT={split}"
+        print(f"profile T={T} E={E} k={k}{label}: " + "; ".join(rows), flush=True)
+    os.environ.pop("SGL_ECPATCH_KERNEL_SELECT_SPLIT", None)
 
 
 # ----------------------------------------------------------------------------- main
@@ -268,6 +277,7 @@ def main() -> int:
     methods["kernel_no_pdl"] = kernel_with("SGL_ECPATCH_KERNEL_PDL", "0")
     methods["kernel_no_cluster"] = kernel_with("SGL_ECPATCH_KERNEL_CLUSTER_MAX_T", "0")
     methods["kernel_no_fused"] = kernel_with("SGL_ECPATCH_KERNEL_FUSED_MAX", "0")
+    methods["kernel_no_split"] = kernel_with("SGL_ECPATCH_KERNEL_SELECT_SPLIT", "0")
 
     if args.profile:
         profile_kernels(kernel)
@@ -307,8 +317,8 @@ def main() -> int:
           f"cached load {result.get('cached_load_s')} s")
     print()
     print("| E | k | T | SGLang router | seed dense | fast torch | kernel | kernel (no PDL) | kernel (no cluster) | kernel (no fused) "
-          "| kernel / SGLang | seed / kernel | byte floor |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| kernel (no split) | kernel / SGLang | seed / kernel | byte floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
     def f(v):
         return "n/a" if v is None else f"{v:.1f}"
@@ -318,6 +328,7 @@ def main() -> int:
         speedup = r["seed"] / r["kernel"] if r.get("seed") and r.get("kernel") else None
         print(f"| {r['E']} | {r['k']} | {r['T']} | {f(r.get('sglang'))} | {f(r.get('seed'))} | "
               f"{f(r.get('torch'))} | {f(r.get('kernel'))} | {f(r.get('kernel_no_pdl'))} | {f(r.get('kernel_no_cluster'))} | {f(r.get('kernel_no_fused'))} | "
+              f"{f(r.get('kernel_no_split'))} | "
               f"{'n/a' if ratio is None else f'{ratio:.2f}x'} | {'n/a' if speedup is None else f'{speedup:.1f}x'} | "
               f"{r['floor_us']:.2f} |")
     return 0

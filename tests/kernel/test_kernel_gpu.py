@@ -296,6 +296,105 @@ def test_cluster_kernel_padding_and_sigmoid(kernel, T):
           correction_bias=torch.randn(256, device="cuda") * 0.01)
 
 
+SPLIT_KNOB = "SGL_ECPATCH_KERNEL_SELECT_SPLIT"
+
+
+def split_case_inputs(T, E, case):
+    """(logits, kwargs) of one case of the split-select tests."""
+    if case == "ties":  # few distinct values and repeated rows: many keys equal to each threshold
+        g = torch.Generator(device="cuda").manual_seed(T + E)
+        logits = torch.randint(0, 3, (T, E), generator=g, device="cuda").float().to(torch.bfloat16)
+        logits[T // 2:] = logits[0]
+        return logits, {}
+    logits = random_logits(T, E, torch.bfloat16)
+    if case == "random":
+        return logits, {}
+    # NaN rows (keys 0, below every number) and padding given on the device, n cut
+    # inside a block's slice
+    logits[3] = float("nan")
+    logits[T // 5, 1] = float("nan")
+    n = torch.tensor(T * 2 // 3 + 1, dtype=torch.int32, device="cuda")
+    return logits, {"num_token_non_padded": n, "fill": "topk"}
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "nan_pad"])
+@pytest.mark.parametrize("E,k", [(60, 4), (128, 8), (512, 10)])
+@pytest.mark.parametrize("T", [1024, 4096, 16384, 65536])
+def test_select_split_bitwise_equal_to_one_block(kernel, monkeypatch, T, E, k, case):
+    """The cluster-split radix select (automatic and forced B = 2, 4, 8) gives the same bits
+    as one block per expert (knob 0), which matches the reference."""
+    logits, kw = split_case_inputs(T, E, case)
+    monkeypatch.setenv(SPLIT_KNOB, "0")
+    base_w, base_ids = run_kernel(kernel, logits, k, **kw)
+    ref_w, ref_ids, _ = expert_choice_reference(logits, k, **kw)
+    assert_matches(logits, k, base_w, base_ids, ref_w, ref_ids, kw, f"split off T={T} E={E} {case}",
+                   bound_near_ties=case != "ties")
+    for value in (None, "2", "4", "8", "3"):
+        if value is None:
+            monkeypatch.delenv(SPLIT_KNOB, raising=False)
+        else:
+            monkeypatch.setenv(SPLIT_KNOB, value)
+        w, ids = run_kernel(kernel, logits, k, **kw)
+        label = f"split={value} T={T} E={E} {case}"
+        assert torch.equal(ids, base_ids), f"{label}: ids differ from one block per expert"
+        assert torch.equal(w.view(torch.int32), base_w.view(torch.int32)), f"{label}: weights differ"
+
+
+def kernel_names(kernel, logits, k):
+    from torch.profiler import ProfilerActivity, profile
+
+    kernel.expert_choice_topk_cuda(logits, k)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        kernel.expert_choice_topk_cuda(logits, k)
+        torch.cuda.synchronize()
+    return " ".join(ev.key for ev in prof.key_averages())
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9,
+                    reason="thread-block clusters need sm_90")
+def test_select_split_runs_where_chosen(kernel, monkeypatch):
+    """The split kernel really runs (forced and automatic), and the knob 0 turns it off."""
+    logits = random_logits(4096, 128, torch.bfloat16)
+    monkeypatch.setenv(SPLIT_KNOB, "4")
+    assert "select_split" in kernel_names(kernel, logits, 8)
+    monkeypatch.delenv(SPLIT_KNOB)
+    assert "select_split" in kernel_names(kernel, random_logits(16384, 60, torch.bfloat16), 4)
+    monkeypatch.setenv(SPLIT_KNOB, "0")
+    names = kernel_names(kernel, logits, 8)
+    assert "select_split" not in names and "select_radix" in names
+
+
+@pytest.mark.parametrize("split", [None, "8"])
+def test_select_split_in_cuda_graph(kernel, monkeypatch, split):
+    T, E, k = 4096, 60, 4
+    if split is None:
+        monkeypatch.delenv(SPLIT_KNOB, raising=False)
+    else:
+        monkeypatch.setenv(SPLIT_KNOB, split)
+    logits = torch.empty(T, E, dtype=torch.bfloat16, device="cuda")
+    count = torch.empty((), dtype=torch.int64, device="cuda")
+    logits.copy_(random_logits(T, E, torch.bfloat16))
+    count.fill_(T)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        kernel.expert_choice_topk_cuda(logits, k, num_token_non_padded=count)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w, ids = kernel.expert_choice_topk_cuda(logits, k, num_token_non_padded=count)
+    for n in [T, 0, 1, 700, T // 3, T - 1]:
+        logits.copy_(random_logits(T, E, torch.bfloat16))
+        count.fill_(n)
+        w.fill_(float("nan"))
+        ids.fill_(JUNK_ID)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_w, ref_ids, _ = expert_choice_reference(logits, k, num_token_non_padded=n)
+        assert_matches(logits, k, w, ids, ref_w, ref_ids, {"num_token_non_padded": n}, f"split graph n={n}")
+
+
 def test_without_programmatic_dependent_launch(kernel, monkeypatch):
     monkeypatch.setenv("SGL_ECPATCH_KERNEL_PDL", "0")
     logits = random_logits(2048, 256, torch.bfloat16)
