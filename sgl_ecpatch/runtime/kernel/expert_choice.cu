@@ -652,7 +652,10 @@ __global__ void __launch_bounds__(kSplitThreads) select_split_kernel(Params p, i
   const unsigned bin = any_pass ? s_bin : 0u;
   if (!s_all_equal_taken && warp == 0) {
     unsigned c = 0u;
-    if (lane < r) c = any_pass ? cluster.map_shared_rank(hl, lane)[bin] : static_cast<unsigned>(slice_lo(lane + 1) - slice_lo(lane));
+    if (lane < r) {
+      c = any_pass ? cluster.map_shared_rank(hl, lane)[bin]
+                   : static_cast<unsigned>(slice_lo(lane + 1) - slice_lo(lane));
+    }
     c = __reduce_add_sync(kFull, c);
     if (lane == 0) s_before = static_cast<int>(c);
   }
