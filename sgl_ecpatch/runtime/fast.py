@@ -336,13 +336,20 @@ COLUMN_STAGE = "auto"
 ROW_STAGE = "auto"
 SORT_MAX_TOKENS = 4096  # torch sorts slices up to 4096 long in one kernel
 PAIRS_MIN_ELEMENTS = 2**23  # T * E from which "pairs" beats the row sort (H200)
+INT32_ROW_SORT_MAX_EXPERTS = 128  # no selection (e.g. T = 1): above this, the int64 row top-k
 
-_FLAG32 = 2**30  # chosen flag of the int32 row key: above every score's bits (<= 0x3F800000)
-_NAN32 = -1  # a NaN score: below +0.0 (bits 0); a chosen NaN (2**30 - 1) stays above them
-_PAD32 = -2  # a padding row (n on the device): below NaN, so it loses every tie
+# int32 keys: the score's bits (+0.0 .. 1.0 -> 0 .. 0x3F800000); NaN -> the bits of
+# -inf (-2**23), also for padding rows (n on the device), which then tie with NaN rows
+# and lose on the index. A chosen entry gets the flag 2**30 + 1 added: chosen numbers
+# >= 2**30 + 1 > chosen NaN (0x3F800001) > unchosen numbers (<= 0x3F800000) > NaN.
+_FLAG32 = 2**30 + 1
+_NAN32 = -(2**23)
+_CHOSEN_MIN32 = _FLAG32 + _NAN32  # the smallest key of a chosen entry
+_FLAG32_T = torch.tensor(_FLAG32, dtype=torch.int32)
+_NAN32_T = torch.tensor(_NAN32, dtype=torch.int32)
 _ONE_BITS = 0x3F800000  # bits of 1.0, the largest score
 _PAIR_TOKEN_SHIFT, _PAIR_KEY_SHIFT = 41, 10  # pair = t << 41 | (1.0 bits - hi) << 10 | e
-_COLUMN64 = _Encoding(shift=2**32, tie_bits=30, flag=0, lowered=0, pad_hi=_PAD32, chosen_min=0, score_bits=True)
+_COLUMN64 = _Encoding(shift=2**32, tie_bits=30, flag=0, lowered=0, pad_hi=_NAN32, chosen_min=0, score_bits=True)
 
 
 def _stages(plan: RoutingPlan, selecting: bool, column_stage: str, row_stage: str) -> Optional[Tuple[str, str]]:
@@ -359,8 +366,13 @@ def _stages(plan: RoutingPlan, selecting: bool, column_stage: str, row_stage: st
     if plan.correction_bias is not None or row_stage == "topk":
         return None
     T, E = plan.num_tokens, plan.num_experts
+    auto = row_stage == "auto" and column_stage == "auto"
     if column_stage == "auto":
         column_stage = "sort" if T <= SORT_MAX_TOKENS else "topk"
+    if auto and (not selecting and E > INT32_ROW_SORT_MAX_EXPERTS or column_stage == "topk" and E < 128):
+        # Measured on the H200: a row top-k of k beats a full row sort of many experts
+        # when nothing is selected; few experts at large T are faster in int64 too.
+        return None
     pairs_ok = selecting and plan.fill == "drop" and T < 2 ** (63 - _PAIR_TOKEN_SHIFT) - 1 and E <= 2**_PAIR_KEY_SHIFT
     if row_stage == "auto":
         row_stage = "pairs" if pairs_ok and T * E >= PAIRS_MIN_ELEMENTS else "sort"
@@ -374,11 +386,12 @@ def _run_int32(scores: torch.Tensor, plan: RoutingPlan, stages: Tuple[str, str],
     """Route on int32 keys: one stable sort (or unique int64 top-k) per stage.
 
     ``hi`` [T, E] int32 is the score's bits (scores are +0.0 .. 1, never -0.0, so the
-    bits are the order), -1 for NaN, -2 for padding rows when n is on the device.
+    bits are the order), the bits of -inf (-2**23) for NaN and, when n is on the device,
+    for padding rows (they tie with NaN rows and lose on the index).
     Column stage: each expert's first ``capacity`` tokens in (hi desc, t asc) order,
     from a stable descending sort of the [E, T] copy (ties keep the lower token first)
     or from `torch.topk` on the unique int64 key ``hi * 2**32 + tie term``. Row stage:
-    "sort" adds 2**30 to the chosen entries of ``hi`` and sorts each row stably
+    "sort" adds 2**30 + 1 to the chosen entries of ``hi`` and sorts each row stably
     (chosen first, then by score, ties to the lower expert); "pairs" sorts only the
     E * capacity chosen (token, score, expert) triples packed in one int64 each.
     """
@@ -386,7 +399,7 @@ def _run_int32(scores: torch.Tensor, plan: RoutingPlan, stages: Tuple[str, str],
     device = scores.device
     n_host = plan.num_valid
     column_stage, row_stage = stages
-    hi = torch.nan_to_num(scores, nan=-1.0).view(torch.int32).clamp_(min=_NAN32)  # NaN: bits of -1.0 < -1
+    hi = torch.nan_to_num(scores, nan=_NAN_BITS).view(torch.int32)  # NaN -> bits of -inf
 
     row_valid: Optional[torch.Tensor] = None
     rank_kept: Optional[torch.Tensor] = None
@@ -395,13 +408,21 @@ def _run_int32(scores: torch.Tensor, plan: RoutingPlan, stages: Tuple[str, str],
         if n_dev.device != device:
             n_dev = n_dev.to(device)
         row_valid, rank_kept = _device_masks(plan, capacity if selecting else 0, n_dev, device)
-        hi = torch.where(row_valid, hi, _PAD32)
+        if not (selecting and column_stage == "sort"):
+            hi = torch.where(row_valid, hi, _NAN32)
+        # else only the sorted column copy needs the padding rows' NaN rank (below): they
+        # are then never chosen, and the row stage masks them with row_valid or by "drop".
 
     token_idx: Optional[torch.Tensor] = None  # [E, capacity]: each expert's tokens, best first
     if selecting:
         rows = hi if n_host is None or n_host == T else hi.narrow(0, 0, n_host)
         if column_stage == "sort":
-            order = torch.sort(rows.t().contiguous(), dim=1, descending=True, stable=True).indices
+            if row_valid is None:
+                columns = rows.t().contiguous()
+            else:  # the copy and the padding rows' rank in one kernel
+                columns = torch.empty((E, T), dtype=torch.int32, device=device)
+                torch.where(row_valid.t(), rows.t(), _NAN32_T, out=columns)
+            order = torch.sort(columns, dim=1, descending=True, stable=True).indices
             token_idx = order.narrow(1, 0, capacity)
         else:
             key = _key(rows, _COLUMN64, 0, by_expert=True)
@@ -417,21 +438,21 @@ def _run_int32(scores: torch.Tensor, plan: RoutingPlan, stages: Tuple[str, str],
     flagged = selecting  # chosen entries carry 2**30
     if selecting:
         columns = hi.t()  # [E, T] view of the row keys
-        if rank_kept is None:
-            add = torch.full(token_idx.shape, _FLAG32, dtype=torch.int32, device=device)
-        else:
-            add = (rank_kept.to(torch.int32) * _FLAG32).expand(token_idx.shape)
+        # (a 0-d host tensor is a scalar to `where`, no copy: it only sets the int32 type)
+        add = _FLAG32 if rank_kept is None else torch.where(rank_kept, _FLAG32_T, 0).expand(token_idx.shape)
         # Tokens are distinct within a column, so adding is exact and order-free; under
         # torch.use_deterministic_algorithms (where scatter_add alerts) add, then write.
         if torch.are_deterministic_algorithms_enabled():
             columns.scatter_(1, token_idx, columns.gather(1, token_idx) + add)
+        elif rank_kept is None:
+            columns.scatter_(1, token_idx, _FLAG32, reduce="add")
         else:
             columns.scatter_add_(1, token_idx, add)
     vals, order = torch.sort(hi, dim=1, descending=True, stable=True)
     top_vals, top_ids = vals.narrow(1, 0, k), order.narrow(1, 0, k)
 
     chosen_only = plan.fill == "drop" and not everyone
-    occupied = (top_vals >= _FLAG32 - 1) if chosen_only else row_valid
+    occupied = (top_vals >= _CHOSEN_MIN32) if chosen_only else row_valid
     low_ids = _words(top_ids, 0) if _LITTLE_ENDIAN else top_ids.to(torch.int32)
     ids = torch.where(occupied, low_ids, -1) if occupied is not None else low_ids.contiguous()
 
@@ -482,8 +503,8 @@ def _pairs_stage(hi: torch.Tensor, token_idx: torch.Tensor, rank_kept: Optional[
     dump = T * k
     dest = torch.add(slot, tokens, alpha=k).clamp_(max=dump)
     dest = torch.where(slot < k, dest, dump)
-    # bits of the score = bits of 1.0 - the packed middle field; NaN (hi = -1) -> 0
-    bits = torch.clamp(_ONE_BITS - ((packed >> _PAIR_KEY_SHIFT) & (2**31 - 1)), min=0).to(torch.int32)
+    # bits of the score = bits of 1.0 - the packed middle field; NaN (hi = -2**23) -> 0
+    bits = torch.clamp(_ONE_BITS - ((packed >> _PAIR_KEY_SHIFT) & (2**31 - 1)), min=0).to(torch.int32)  # NaN: 0
     ids = torch.full((dump + 1,), -1, dtype=torch.int32, device=device)
     ids.scatter_(0, dest, (packed & (2**_PAIR_KEY_SHIFT - 1)).to(torch.int32))
     weight_bits = torch.zeros(dump + 1, dtype=torch.int32, device=device)
