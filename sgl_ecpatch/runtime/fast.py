@@ -1,15 +1,15 @@
 """Fast expert-choice routing in PyTorch: vectorised and CUDA-graph safe.
 
 Same results as `reference` (same ids, bitwise-identical weights) with a fixed
-number of torch ops whatever T and E are (11 to 14 aten ops with n on the host, 14
-to 19 with n on the device, bf16 logits, see ``benchmarks/count_ops.py``; the seed
-baseline has 13): no Python loop over tokens or experts (only over the k
+number of torch ops whatever T and E are (9 to 14 aten ops with n on the host, 12
+to 18 with n on the device below the "pairs" sizes, bf16 logits, see
+``benchmarks/count_ops.py``; the seed baseline has 13): no Python loop over tokens or experts (only over the k
 slots when renormalising on the CPU, in slot order, see `scoring`), no ``.item()``,
 no ``nonzero`` or boolean indexing, and only shapes known on the host, also when
 ``num_token_non_padded`` is a device tensor. Every choice below is made on the host
 from types, shapes and Python values, never from a device value.
 
-How it works:
+How the int64 pipeline works:
 
 1. One int64 key per ``(t, e)``, built by a single add of a tie-break line (one
    ``arange`` of length T + E - 1 seen through strides (1, 1): ``c0 - t - e``) and the
@@ -46,6 +46,23 @@ How it works:
    NaN -> 0 and vacant -> 0; then renormalised by the shared sequential sum, computed
    slot-major ([k, T]: one ``cumsum`` on CUDA) and divided straight into the [T, k]
    result.
+
+Two pipelines (`_stages`, decided on the host from the plan and shapes):
+
+* **int32** (no correction bias, the common case; `_run_int32`): the key is the score's
+  32-bit pattern and every tie is settled by *stable* sorts instead of tie bits.
+  Column stage: a stable descending ``torch.sort`` of the [E, T] keys (one kernel for
+  T <= 4096) or, above `SORT_MAX_TOKENS`, ``torch.topk`` on unique int64 keys. Row
+  stage: the chosen entries get a flag (2**30 + 1) and each row is sorted stably, or,
+  from `PAIRS_MIN_ELEMENTS` = T * E with ``fill="drop"``, only the E * C chosen
+  (token, score, expert) triples are sorted, packed one int64 each. 32-bit sorts and
+  top-k run half the radix passes of 64-bit ones (`benchmarks/torch_primitives.py`).
+* **int64** (below; with a bias, and where measured faster: nothing to select with
+  many experts, or T above `SORT_MAX_TOKENS` with few experts): unique int64 keys and
+  two ``torch.topk``.
+
+The `COLUMN_STAGE` / `ROW_STAGE` knobs ("auto", or "sort"/"topk" and
+"sort"/"pairs"/"topk") force a stage for benchmarks and tests; all give the same bits.
 
 Shortcuts decided on the host: when no expert can be full (``C(m) == m`` for every
 possible n, e.g. a single row) step 2 is skipped and the result is plain top-k; with
