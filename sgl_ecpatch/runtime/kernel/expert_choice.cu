@@ -1224,15 +1224,19 @@ inline int split_blocks(const Params& p) {
 // size (cached per process). Returns false, with nothing launched, where it cannot.
 inline bool launch_select_split(const Params& p, int B, cudaStream_t stream, bool pdl, cudaError_t& err) {
   static size_t ok_upto[kSplitMaxB + 1] = {}, bad_from[kSplitMaxB + 1] = {};
+  static size_t attr_set = 0;  // only ever raised: a captured graph's larger launch stays valid
   if (B < 2 || B > kSplitMaxB) return false;
   const int S = (p.T + B - 1) / B;
   const size_t smem = static_cast<size_t>(S) * sizeof(uint32_t);
   if (bad_from[B] != 0 && smem >= bad_from[B]) return false;
-  if (cudaFuncSetAttribute(select_split_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(smem)) != cudaSuccess) {
-    cudaGetLastError();
-    bad_from[B] = smem;
-    return false;
+  if (smem > attr_set) {
+    if (cudaFuncSetAttribute(select_split_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem)) != cudaSuccess) {
+      cudaGetLastError();
+      bad_from[B] = smem;
+      return false;
+    }
+    attr_set = smem;
   }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(p.E * B);
