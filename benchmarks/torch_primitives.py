@@ -63,13 +63,17 @@ def _ops(T: int, E: int, k: int, device):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="also the per-kernel profile of seed and fast")
+    parser.add_argument("--profile-only", action="store_true", help="only the per-kernel profile")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to time")
         return 0
     device = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}")
+    if args.profile_only:
+        _profile(device)
+        return 0
     replays = 5 if args.quick else 15
     header = None
     rows = []
@@ -97,12 +101,14 @@ def main(argv=None) -> int:
 
 
 def _profile(device) -> None:
+    """Per-kernel device time of one call (eager, torch.profiler): where the time goes."""
     from torch.profiler import ProfilerActivity, profile
 
     from sgl_ecpatch.bench.seed_baseline import seed_expert_choice_topk
     from sgl_ecpatch.runtime.fast import expert_choice_topk_torch
 
-    for E, k, T in [(60, 4, 1024), (128, 8, 4096), (512, 10, 1024), (512, 10, 16384)]:
+    calls = 5
+    for E, k, T in [(60, 4, 1024), (60, 4, 16384), (128, 8, 16384), (512, 10, 4096), (512, 10, 16384)]:
         x = torch.randn(T, E, device=device).to(torch.bfloat16)
         n_dev = torch.tensor(T, device=device)
         for name, fn in [
@@ -114,11 +120,19 @@ def _profile(device) -> None:
                 fn()
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
+                for _ in range(calls):
                     fn()
                 torch.cuda.synchronize()
-            print(f"\n## profile E={E} k={k} T={T} {name} (5 calls, CUDA time)")
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
+            rows = []
+            for evt in prof.key_averages():
+                us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+                if us > 0 and evt.count >= calls:
+                    rows.append((us / calls, evt.count // calls, evt.key[:90]))
+            rows.sort(reverse=True)
+            total = sum(r[0] for r in rows)
+            print(f"\n## E={E} k={k} T={T} {name}: {total:.1f} us of kernels per call (eager)")
+            for us, count, key in rows[:12]:
+                print(f"  {us:8.1f} us  x{count}  {key}")
 
 
 if __name__ == "__main__":

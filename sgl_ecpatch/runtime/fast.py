@@ -362,8 +362,6 @@ INT32_ROW_SORT_MAX_EXPERTS = 128  # no selection (e.g. T = 1): above this, the i
 _FLAG32 = 2**30 + 1
 _NAN32 = -(2**23)
 _CHOSEN_MIN32 = _FLAG32 + _NAN32  # the smallest key of a chosen entry
-_FLAG32_T = torch.tensor(_FLAG32, dtype=torch.int32)
-_NAN32_T = torch.tensor(_NAN32, dtype=torch.int32)
 _ONE_BITS = 0x3F800000  # bits of 1.0, the largest score
 _PAIR_TOKEN_SHIFT, _PAIR_KEY_SHIFT = 41, 10  # pair = t << 41 | (1.0 bits - hi) << 10 | e
 _COLUMN64 = _Encoding(shift=2**32, tie_bits=30, flag=0, lowered=0, pad_hi=_NAN32, chosen_min=0, score_bits=True)
@@ -416,6 +414,8 @@ def _run_int32(scores: torch.Tensor, plan: RoutingPlan, stages: Tuple[str, str],
     device = scores.device
     n_host = plan.num_valid
     column_stage, row_stage = stages
+    if not selecting and not everyone and plan.fill == "drop":
+        return _empty_result(plan, device)  # C == 0: no expert keeps any token
     hi = torch.nan_to_num(scores, nan=_NAN_BITS).view(torch.int32)  # NaN -> bits of -inf
 
     row_valid: Optional[torch.Tensor] = None
@@ -425,21 +425,13 @@ def _run_int32(scores: torch.Tensor, plan: RoutingPlan, stages: Tuple[str, str],
         if n_dev.device != device:
             n_dev = n_dev.to(device)
         row_valid, rank_kept = _device_masks(plan, capacity if selecting else 0, n_dev, device)
-        if not (selecting and column_stage == "sort"):
-            hi = torch.where(row_valid, hi, _NAN32)
-        # else only the sorted column copy needs the padding rows' NaN rank (below): they
-        # are then never chosen, and the row stage masks them with row_valid or by "drop".
+        hi = torch.where(row_valid, hi, _NAN32)
 
     token_idx: Optional[torch.Tensor] = None  # [E, capacity]: each expert's tokens, best first
     if selecting:
         rows = hi if n_host is None or n_host == T else hi.narrow(0, 0, n_host)
         if column_stage == "sort":
-            if row_valid is None:
-                columns = rows.t().contiguous()
-            else:  # the copy and the padding rows' rank in one kernel
-                columns = torch.empty((E, T), dtype=torch.int32, device=device)
-                torch.where(row_valid.t(), rows.t(), _NAN32_T, out=columns)
-            order = torch.sort(columns, dim=1, descending=True, stable=True).indices
+            order = torch.sort(rows.t().contiguous(), dim=1, descending=True, stable=True).indices
             token_idx = order.narrow(1, 0, capacity)
         else:
             key = _key(rows, _COLUMN64, 0, by_expert=True)
@@ -455,8 +447,10 @@ def _run_int32(scores: torch.Tensor, plan: RoutingPlan, stages: Tuple[str, str],
     flagged = selecting  # chosen entries carry 2**30
     if selecting:
         columns = hi.t()  # [E, T] view of the row keys
-        # (a 0-d host tensor is a scalar to `where`, no copy: it only sets the int32 type)
-        add = _FLAG32 if rank_kept is None else torch.where(rank_kept, _FLAG32_T, 0).expand(token_idx.shape)
+        add = _FLAG32
+        if rank_kept is not None:  # the flag for ranks below C(n): int32 in one kernel
+            add = torch.mul(rank_kept, _FLAG32, out=torch.empty(rank_kept.shape, dtype=torch.int32, device=device))
+            add = add.expand(token_idx.shape)
         # Tokens are distinct within a column, so adding is exact and order-free; under
         # torch.use_deterministic_algorithms (where scatter_add alerts) add, then write.
         if torch.are_deterministic_algorithms_enabled():

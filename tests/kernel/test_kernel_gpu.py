@@ -360,6 +360,8 @@ def test_select_split_runs_where_chosen(kernel, monkeypatch):
     assert "select_split" in kernel_names(kernel, logits, 8)
     monkeypatch.delenv(SPLIT_KNOB)
     assert "select_split" in kernel_names(kernel, random_logits(16384, 60, torch.bfloat16), 4)
+    # automatic: only few experts (E * 8 <= 4 x SMs); the split lost at E = 128 (v8)
+    assert "select_split" not in kernel_names(kernel, logits, 8)
     monkeypatch.setenv(SPLIT_KNOB, "0")
     names = kernel_names(kernel, logits, 8)
     assert "select_split" not in names and "select_radix" in names

@@ -134,14 +134,21 @@ def test_empty_and_all_padding(impl):
 
 def test_tiny_capacity_factor_rounds_to_zero():
     # Fraction(0.0004).limit_denominator(1000) == 0, so C == 0: with "drop" nothing is routed.
+    from sgl_ecpatch.runtime.config import validate
+    from sgl_ecpatch.runtime.fast import run_torch
+
     logits = torch.randn(5, 4)
     for impl in IMPLS:
-        _, ids = expert_choice_topk(logits, 2, capacity_factor=0.0004, impl=impl)
-        assert (ids == -1).all()
-    assert_same_routing(
-        expert_choice_topk(logits, 2, capacity_factor=0.0004, fill="topk", impl="reference"),
-        expert_choice_topk(logits, 2, capacity_factor=0.0004, fill="topk", impl="torch"),
-    )
+        weights, ids = expert_choice_topk(logits, 2, capacity_factor=0.0004, impl=impl)
+        assert (ids == -1).all() and (weights == 0).all()
+    for fill in ("drop", "topk"):
+        for n in (None, 3, torch.tensor(3)):
+            kwargs = dict(capacity_factor=0.0004, fill=fill, num_token_non_padded=n)
+            expected = expert_choice_topk(logits, 2, impl="reference", **kwargs)
+            assert_same_routing(expected, expert_choice_topk(logits, 2, impl="torch", **kwargs))
+            for stages in [("sort", "sort"), ("topk", "pairs"), ("auto", "topk")]:
+                actual = run_torch(logits, validate(logits, 2, **kwargs), column_stage=stages[0], row_stage=stages[1])
+                assert_same_routing(expected, actual, context=f"{fill} n={n} {stages}")
 
 
 def test_ordered_int32_is_the_routing_order():

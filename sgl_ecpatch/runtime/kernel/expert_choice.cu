@@ -1198,15 +1198,17 @@ bool launch_cluster(const Params& p, cudaStream_t stream, cudaError_t& err) {
   return launch_cluster_nb<DT, VPL, EPW, 16>(p, stream, err) || launch_cluster_nb<DT, VPL, EPW, 8>(p, stream, err);
 }
 
-// Blocks per expert of the radix select (kernel 2c), 1 for kernel 2b. Automatic: the
-// largest B in {8, 4, 2} with E * B <= 4 x the SM count and T / B >= kSplitMinKeys;
+// Blocks per expert of the radix select (kernel 2c), 1 for kernel 2b. Automatic: only
+// where E * 8 <= 4 x the SM count (E <= 66 on 132 SMs: measured on the H200, v8, the
+// split lost at E = 128 and 256), the largest B in {8, 4, 2} with T / B >= kSplitMinKeys;
 // a forced B is raised until the slice fits kSplitSmemKeysMax.
 inline int split_blocks(const Params& p) {
   if (p.keys_t == nullptr || (p.select_split >= 0 && p.select_split <= 1)) return 1;
   int B = 1;
   if (p.select_split < 0) {
+    if (static_cast<long long>(p.E) * kSplitMaxB > 4LL * p.num_sms) return 1;
     for (int c = kSplitMaxB; c >= 2; c >>= 1) {
-      if (static_cast<long long>(p.E) * c <= 4LL * p.num_sms && p.T / c >= kSplitMinKeys) {
+      if (p.T / c >= kSplitMinKeys) {
         B = c;
         break;
       }
