@@ -453,3 +453,20 @@ def teardown_module(module):
         total = sum(r for _, r, _ in NEAR_TIE_ROWS)
         print(f"\nnear-tie rows (keys within {NEAR_TIE_ULPS} ulp, ids may differ): {total} "
               f"in {len(NEAR_TIE_ROWS)} checks; first: {NEAR_TIE_ROWS[:5]}")
+
+
+@pytest.mark.parametrize("T", [4, 8, 16, 32])
+@pytest.mark.parametrize("E,k", [(512, 10), (512, 32), (384, 16), (256, 8)])
+@pytest.mark.parametrize("fill", ["drop", "topk"])
+def test_many_experts_choose_each_token(kernel, T, E, k, fill):
+    """Decode sizes with many experts: C is 1 or 2, so each token is chosen by E*C/T
+    experts (32-128): the rank fast path (up to 64 candidates) and the k-round path."""
+    for mode in ("random", "ties"):
+        if mode == "random":
+            logits = random_logits(T, E, torch.bfloat16)
+        else:
+            g = torch.Generator(device="cuda").manual_seed(T * E + k)
+            logits = torch.randint(0, 3, (T, E), generator=g, device="cuda").float().to(torch.bfloat16)
+            logits[T // 2:] = logits[0]
+        for n in (None, torch.tensor(max(T - 3, 0), device="cuda")):
+            check(kernel, logits, k, f"E={E} T={T} k={k} {fill} {mode} n={n}", fill=fill, num_token_non_padded=n)

@@ -730,9 +730,15 @@ __device__ __forceinline__ unsigned long long max_tree(const unsigned long long 
   }
 }
 
+// Candidates the rank fast path takes: up to 64 chosen experts per token (two per lane).
+// v9: at E = 512, T = 16 a token is chosen by ~32 experts on average (C = 1), so with 32
+// about half the rows took k rounds of a warp-wide max (ncu: the one-block kernel was
+// instruction-bound, 8 cycles per issued instruction, mostly fixed-latency waits).
+constexpr int kCand = 64;
+
 struct WarpScratch {
-  unsigned long long cand_rank[32];
-  float cand_w[32];
+  unsigned long long cand_rank[kCand];
+  float cand_w[kCand];
   float slot_w[32];
   int slot_id[32];
 };
@@ -769,7 +775,7 @@ __device__ __forceinline__ void route_token(const Params& p, int t, int lane, co
     const bool ch = (rank[i] >> 43) != 0ull;
     const unsigned bal = __ballot_sync(kFull, ch);
     const int pos = num_chosen + __popc(bal & lt_mask);
-    if (ch && pos < 32) {
+    if (ch && pos < kCand) {
       ws.cand_rank[pos] = rank[i];
       ws.cand_w[pos] = score[i];
     }
@@ -778,19 +784,31 @@ __device__ __forceinline__ void route_token(const Params& p, int t, int lane, co
   float my_w = 0.0f;
   int my_id = -1;
   float sum = 0.0f;
-  if (num_chosen <= 32 && (!p.fill_topk || num_chosen >= k)) {
+  if (num_chosen <= kCand && (!p.fill_topk || num_chosen >= k)) {
     __syncwarp();
     const int used = num_chosen < k ? num_chosen : k;
-    if (lane < num_chosen) {
-      const unsigned long long v = ws.cand_rank[lane];
-      int r = 0;
-      for (int j = 0; j < num_chosen; ++j) r += ws.cand_rank[j] > v;
-      if (r < k) {
-        float w = ws.cand_w[lane];
-        if (w != w) w = 0.0f;  // a NaN score weighs 0
-        ws.slot_w[r] = w;
-        ws.slot_id[r] = kMaxExperts - static_cast<int>(v & 2047ull);
-      }
+    // lane holds candidates lane and lane + 32; each one's slot is its rank among all
+    // (ranks are unique: the expert index is part of the rank), one pass for both
+    const int c1 = lane + 32;
+    const unsigned long long v0 = lane < num_chosen ? ws.cand_rank[lane] : ~0ull;
+    const unsigned long long v1 = c1 < num_chosen ? ws.cand_rank[c1] : ~0ull;
+    int r0 = 0, r1 = 0;
+    for (int j = 0; j < num_chosen; ++j) {
+      const unsigned long long x = ws.cand_rank[j];
+      r0 += x > v0;
+      r1 += x > v1;
+    }
+    if (lane < num_chosen && r0 < k) {
+      float w = ws.cand_w[lane];
+      if (w != w) w = 0.0f;  // a NaN score weighs 0
+      ws.slot_w[r0] = w;
+      ws.slot_id[r0] = kMaxExperts - static_cast<int>(v0 & 2047ull);
+    }
+    if (c1 < num_chosen && r1 < k) {
+      float w = ws.cand_w[c1];
+      if (w != w) w = 0.0f;
+      ws.slot_w[r1] = w;
+      ws.slot_id[r1] = kMaxExperts - static_cast<int>(v1 & 2047ull);
     }
     __syncwarp();
     for (int j = 0; j < used; ++j) sum += ws.slot_w[j];  // slot order, float32
@@ -1037,18 +1055,20 @@ __global__ void __launch_bounds__(kClusterWarps * 32, 1) cluster_route_kernel(Pa
 
 // ---------------------------------------------------------------------------
 // Kernel 0 (T <= 32, E <= 512 and T * E <= 16384, decode sizes): one block, one launch.
-// Warp per row: keys into shared memory; thread per expert: its C best tokens as a
-// bit mask (C rounds of a max over at most 32 keys); warp per row again: the slots.
+// Warp per row: scores into shared memory; thread per expert: its C best tokens as a
+// bit mask (C rounds of a max over at most 32 keys, okey(score + bias) on the fly);
+// warp per row again: the slots, from the row's scores in shared memory (v9: the row
+// is no longer loaded and scored twice).
 
 constexpr int kFusedThreads = 512;
 // At T = 64 the one block measured 22-38 µs against 13-17 µs for three launches
 // (v6 on H200): one SM does every row twice. Masks stay 64-bit (room to tune).
 constexpr int kFusedMaxT = 32;
-constexpr int kFusedMaxElems = 16384;  // 64 KiB of keys
+constexpr int kFusedMaxElems = 16384;  // 64 KiB of scores
 
 template <int DT, int VPL>
 __global__ void __launch_bounds__(kFusedThreads) fused_small_kernel(Params p) {
-  extern __shared__ uint32_t skeys[];  // [n][E]
+  extern __shared__ float sscore[];  // [n][E]: the scores of phase 1, read again in phase 3
   __shared__ unsigned long long chosen_mask[kMaxExperts];
   __shared__ WarpScratch scratch[kFusedThreads / 32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = kFusedThreads / 32;
@@ -1064,7 +1084,7 @@ __global__ void __launch_bounds__(kFusedThreads) fused_small_kernel(Params p) {
 #pragma unroll
       for (int i = 0; i < VPL; ++i) {
         const int e = lane + 32 * i;
-        if (e < E) skeys[t * E + e] = okey(x[i] + bias_at(p, e));
+        if (e < E) sscore[t * E + e] = x[i];
       }
     }
   }
@@ -1073,13 +1093,14 @@ __global__ void __launch_bounds__(kFusedThreads) fused_small_kernel(Params p) {
   for (int e = threadIdx.x; e < E; e += kFusedThreads) {
     unsigned long long mask = C == 0 ? 0ull : all;
     if (select) {
+      const float be = bias_at(p, e);
       mask = 0ull;
       for (int r = 0; r < C; ++r) {  // the best token not yet taken; ties: lower t
         int best_t = -1;
         uint32_t best_key = 0u;
         for (int t = 0; t < n; ++t) {
           if ((mask >> t) & 1ull) continue;
-          const uint32_t u = skeys[t * E + e];
+          const uint32_t u = okey(sscore[t * E + e] + be);
           if (best_t < 0 || u > best_key) {
             best_t = t;
             best_key = u;
@@ -1096,9 +1117,18 @@ __global__ void __launch_bounds__(kFusedThreads) fused_small_kernel(Params p) {
       write_padding_row(p, t, lane);
       continue;
     }
-    float x[VPL], m, s;
-    load_row<DT, VPL>(p.logits, t, E, lane, x);
-    scores_in_place<VPL>(x, E, lane, p.sigmoid, m, s);
+    float x[VPL];
+    if (select) {  // phase 1 left the row's scores in shared memory
+#pragma unroll
+      for (int i = 0; i < VPL; ++i) {
+        const int e = lane + 32 * i;
+        x[i] = e < E ? sscore[t * E + e] : 0.0f;
+      }
+    } else {
+      float m, s;
+      load_row<DT, VPL>(p.logits, t, E, lane, x);
+      scores_in_place<VPL>(x, E, lane, p.sigmoid, m, s);
+    }
     route_token<VPL>(p, t, lane, x, scratch[warp],
                      [&](int e, uint32_t) { return ((chosen_mask[e] >> t) & 1ull) != 0ull; });
   }
