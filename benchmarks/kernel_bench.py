@@ -222,6 +222,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sglang-dir", default=str(ROOT / ".whl" / "sgl0523"))
     ap.add_argument("--quick", action="store_true", help="fewer replays and points (a smoke run)")
+    ap.add_argument("--tokens", type=int, nargs="*", help=f"token counts (default {TOKENS})")
     ap.add_argument("--replays", type=int, default=300)
     ap.add_argument("--skip-build-timing", action="store_true")
     ap.add_argument("--profile", action="store_true", help="also print per-kernel device times (torch.profiler)")
@@ -283,7 +284,7 @@ def main() -> int:
         profile_kernels(kernel)
 
     points = POINTS
-    tokens = TOKENS if not args.quick else [1, 64, 1024, 16384]
+    tokens = args.tokens or (TOKENS if not args.quick else [1, 64, 1024, 16384])
     replays = args.replays if not args.quick else 100
     l2 = getattr(props, "L2_cache_size", 50 << 20)
     for E, k in points:

@@ -1055,20 +1055,23 @@ __global__ void __launch_bounds__(kClusterWarps * 32, 1) cluster_route_kernel(Pa
 
 // ---------------------------------------------------------------------------
 // Kernel 0 (T <= 32, E <= 512 and T * E <= 16384, decode sizes): one block, one launch.
-// Warp per row: scores into shared memory; thread per expert: its C best tokens as a
-// bit mask (C rounds of a max over at most 32 keys, okey(score + bias) on the fly);
-// warp per row again: the slots, from the row's scores in shared memory (v9: the row
-// is no longer loaded and scored twice).
+// Warp per row: keys and scores into shared memory; thread per expert: its C best
+// tokens as a bit mask (C rounds of a max over at most 32 keys); warp per row again:
+// the slots, from the row's scores in shared memory (v9b: the row is no longer loaded
+// and scored twice; v9a kept only the scores and computed the keys in the C rounds:
+// 1-2.5 µs slower at E <= 128, T = 16, measured).
 
 constexpr int kFusedThreads = 512;
 // At T = 64 the one block measured 22-38 µs against 13-17 µs for three launches
 // (v6 on H200): one SM does every row twice. Masks stay 64-bit (room to tune).
 constexpr int kFusedMaxT = 32;
-constexpr int kFusedMaxElems = 16384;  // 64 KiB of scores
+constexpr int kFusedMaxElems = 16384;  // 64 KiB of keys + 64 KiB of scores
 
 template <int DT, int VPL>
 __global__ void __launch_bounds__(kFusedThreads) fused_small_kernel(Params p) {
-  extern __shared__ float sscore[];  // [n][E]: the scores of phase 1, read again in phase 3
+  extern __shared__ uint32_t fsm[];  // [T][E] keys for phase 2, then [T][E] scores for phase 3
+  uint32_t* skeys = fsm;
+  float* sscore = reinterpret_cast<float*>(fsm + static_cast<size_t>(p.T) * p.E);
   __shared__ unsigned long long chosen_mask[kMaxExperts];
   __shared__ WarpScratch scratch[kFusedThreads / 32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = kFusedThreads / 32;
@@ -1084,7 +1087,10 @@ __global__ void __launch_bounds__(kFusedThreads) fused_small_kernel(Params p) {
 #pragma unroll
       for (int i = 0; i < VPL; ++i) {
         const int e = lane + 32 * i;
-        if (e < E) sscore[t * E + e] = x[i];
+        if (e < E) {
+          skeys[t * E + e] = okey(x[i] + bias_at(p, e));
+          sscore[t * E + e] = x[i];
+        }
       }
     }
   }
@@ -1093,14 +1099,13 @@ __global__ void __launch_bounds__(kFusedThreads) fused_small_kernel(Params p) {
   for (int e = threadIdx.x; e < E; e += kFusedThreads) {
     unsigned long long mask = C == 0 ? 0ull : all;
     if (select) {
-      const float be = bias_at(p, e);
       mask = 0ull;
       for (int r = 0; r < C; ++r) {  // the best token not yet taken; ties: lower t
         int best_t = -1;
         uint32_t best_key = 0u;
         for (int t = 0; t < n; ++t) {
           if ((mask >> t) & 1ull) continue;
-          const uint32_t u = okey(sscore[t * E + e] + be);
+          const uint32_t u = skeys[t * E + e];
           if (best_t < 0 || u > best_key) {
             best_t = t;
             best_key = u;
@@ -1304,7 +1309,7 @@ cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
   const int token_grid = (p.T + kTokenWarps - 1) / kTokenWarps;
   if constexpr (VPL <= 16) {  // E <= 512: the row's registers fit 512 threads
     if (use_fused(p.T, p.E, p.fused_max)) {
-      const size_t smem = static_cast<size_t>(p.T) * p.E * sizeof(uint32_t);
+      const size_t smem = 2 * static_cast<size_t>(p.T) * p.E * sizeof(uint32_t);  // keys + scores
       if ((err = allow_smem(fused_small_kernel<DT, VPL>, smem)) != cudaSuccess) return err;
       return launch(fused_small_kernel<DT, VPL>, 1, kFusedThreads, smem, stream, false, p);
     }
