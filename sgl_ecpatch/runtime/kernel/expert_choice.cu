@@ -730,24 +730,27 @@ __device__ __forceinline__ unsigned long long max_tree(const unsigned long long 
   }
 }
 
-// Candidates the rank fast path takes: up to 64 chosen experts per token (two per lane).
-// v9: at E = 512, T = 16 a token is chosen by ~32 experts on average (C = 1), so with 32
-// about half the rows took k rounds of a warp-wide max (ncu: the one-block kernel was
-// instruction-bound, 8 cycles per issued instruction, mostly fixed-latency waits).
-constexpr int kCand = 64;
-
-struct WarpScratch {
-  unsigned long long cand_rank[kCand];
-  float cand_w[kCand];
+// CAND: candidates the rank fast path takes, 32 (one per lane) or 64 (two per lane).
+// The one-block kernel takes 64 (v9): at E = 512, T = 16 a token is chosen by ~32
+// experts on average (C = 1), so with 32 about half the rows took k rounds of a
+// warp-wide max (ncu: that kernel was instruction-bound, 8 cycles per issued
+// instruction, mostly fixed-latency waits). The other kernels keep 32: few experts
+// choose each token there, and 64 measured ~1 µs slower at E = 60, T = 1024.
+template <int CAND>
+struct WarpScratchT {
+  unsigned long long cand_rank[CAND];
+  float cand_w[CAND];
   float slot_w[32];
   int slot_id[32];
 };
+using WarpScratch = WarpScratchT<32>;
+constexpr int kFusedCand = 64;
 
 // Writes row t's k slots. `sc_row` holds the row's scores (S[t, lane + 32 i]);
 // is_chosen(e, key) says whether expert e chose token t.
-template <int VPL, typename ChosenFn>
+template <int VPL, int CAND, typename ChosenFn>
 __device__ __forceinline__ void route_token(const Params& p, int t, int lane, const float (&sc_row)[VPL],
-                                            WarpScratch& ws, ChosenFn is_chosen) {
+                                            WarpScratchT<CAND>& ws, ChosenFn is_chosen) {
   const int k = p.k;
   const long long out_base = static_cast<long long>(t) * k;
   unsigned long long rank[VPL];
@@ -775,7 +778,7 @@ __device__ __forceinline__ void route_token(const Params& p, int t, int lane, co
     const bool ch = (rank[i] >> 43) != 0ull;
     const unsigned bal = __ballot_sync(kFull, ch);
     const int pos = num_chosen + __popc(bal & lt_mask);
-    if (ch && pos < kCand) {
+    if (ch && pos < CAND) {
       ws.cand_rank[pos] = rank[i];
       ws.cand_w[pos] = score[i];
     }
@@ -784,7 +787,7 @@ __device__ __forceinline__ void route_token(const Params& p, int t, int lane, co
   float my_w = 0.0f;
   int my_id = -1;
   float sum = 0.0f;
-  if (num_chosen <= kCand && (!p.fill_topk || num_chosen >= k)) {
+  if (num_chosen <= CAND && (!p.fill_topk || num_chosen >= k)) {
     __syncwarp();
     const int used = num_chosen < k ? num_chosen : k;
     // lane holds candidates lane and lane + 32; each one's slot is its rank among all
@@ -793,10 +796,14 @@ __device__ __forceinline__ void route_token(const Params& p, int t, int lane, co
     const unsigned long long v0 = lane < num_chosen ? ws.cand_rank[lane] : ~0ull;
     const unsigned long long v1 = c1 < num_chosen ? ws.cand_rank[c1] : ~0ull;
     int r0 = 0, r1 = 0;
-    for (int j = 0; j < num_chosen; ++j) {
-      const unsigned long long x = ws.cand_rank[j];
-      r0 += x > v0;
-      r1 += x > v1;
+    if constexpr (CAND > 32) {
+      for (int j = 0; j < num_chosen; ++j) {
+        const unsigned long long x = ws.cand_rank[j];
+        r0 += x > v0;
+        r1 += x > v1;
+      }
+    } else {
+      for (int j = 0; j < num_chosen; ++j) r0 += ws.cand_rank[j] > v0;
     }
     if (lane < num_chosen && r0 < k) {
       float w = ws.cand_w[lane];
@@ -804,7 +811,7 @@ __device__ __forceinline__ void route_token(const Params& p, int t, int lane, co
       ws.slot_w[r0] = w;
       ws.slot_id[r0] = kMaxExperts - static_cast<int>(v0 & 2047ull);
     }
-    if (c1 < num_chosen && r1 < k) {
+    if (CAND > 32 && c1 < num_chosen && r1 < k) {
       float w = ws.cand_w[c1];
       if (w != w) w = 0.0f;
       ws.slot_w[r1] = w;
@@ -886,7 +893,7 @@ __global__ void __launch_bounds__(kTokenWarps * 32) token_route_kernel(Params p)
 #pragma unroll
     for (int i = 0; i < VPL; ++i) x[i] = softmax_score(x[i], st.x, st.y);
   }
-  route_token<VPL>(p, t, lane, x, scratch[warp], [&](int e, uint32_t key) {
+  route_token<VPL, 32>(p, t, lane, x, scratch[warp], [&](int e, uint32_t key) {
     const uint32_t tk = p.thr_key[e];
     const int tt = p.thr_tok[e];
     return key > tk || (key == tk && t <= tt);
@@ -1043,7 +1050,7 @@ __global__ void __launch_bounds__(kClusterWarps * 32, 1) cluster_route_kernel(Pa
     if (t >= n) {
       write_padding_row(p, t, lane);
     } else {
-      route_token<VPL>(p, t, lane, x, scratch[warp], [&](int e, uint32_t key) {
+      route_token<VPL, 32>(p, t, lane, x, scratch[warp], [&](int e, uint32_t key) {
         const uint32_t tk = sthr_key[e];
         const int tt = sthr_tok[e];
         return key > tk || (key == tk && t <= tt);
@@ -1073,7 +1080,7 @@ __global__ void __launch_bounds__(kFusedThreads) fused_small_kernel(Params p) {
   uint32_t* skeys = fsm;
   float* sscore = reinterpret_cast<float*>(fsm + static_cast<size_t>(p.T) * p.E);
   __shared__ unsigned long long chosen_mask[kMaxExperts];
-  __shared__ WarpScratch scratch[kFusedThreads / 32];
+  __shared__ WarpScratchT<kFusedCand> scratch[kFusedThreads / 32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = kFusedThreads / 32;
   const int E = p.E;
   const int n = read_n(p);
@@ -1134,7 +1141,7 @@ __global__ void __launch_bounds__(kFusedThreads) fused_small_kernel(Params p) {
       load_row<DT, VPL>(p.logits, t, E, lane, x);
       scores_in_place<VPL>(x, E, lane, p.sigmoid, m, s);
     }
-    route_token<VPL>(p, t, lane, x, scratch[warp],
+    route_token<VPL, kFusedCand>(p, t, lane, x, scratch[warp],
                      [&](int e, uint32_t) { return ((chosen_mask[e] >> t) & 1ull) != 0ull; });
   }
 }
