@@ -47,7 +47,15 @@ small kernel in a graph replay): at T <= 256 "fast n=dev" drops by about 15 us (
 E=128, T=16: 69 -> about 52 us, the seed 51) and "fast" by about 12 us (55 -> about
 42, faster than the seed); at T >= 4096 the int64 selections dominate, so the gain is
 the [E, T] layout's (the old "col=E,T" column) plus a few us: about even with the seed
-at E=512, T=16384, nowhere near 2x. Measured results: to be filled in from the GPU run.
+at E=512, T=16384, nowhere near 2x. Measured (routing_torch_h200.md, same day): "fast
+n=dev" at E=128 T=16 58.4 -> 46.1 us; seed / fast 1.03-1.64x, n=dev 0.87-1.23x.
+
+Session 2 (the int32 pipeline of `runtime.fast`, no bias): T=1 9 ops (n=dev 12), T=16 to
+4096 14 (n=dev 19), T*E >= 2**23 ("pairs" row stage) 35 (40). On CUDA the softmax of
+bf16 logits is one kernel (here ``_to_copy`` + ``_softmax``: 1 op less on the GPU), and
+with n on the device the float64 mask buffer (``arange`` x2) is made once per shape and
+stream and kept (`runtime.fast._bounds`): fake tensors are never kept, so these counts
+are a first call's, and later calls launch 2 kernels fewer.
 """
 
 from __future__ import annotations

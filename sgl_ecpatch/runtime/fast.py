@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections import OrderedDict
 from typing import Optional, Tuple
 
 import torch
@@ -353,6 +354,7 @@ COLUMN_STAGE = "auto"
 ROW_STAGE = "auto"
 SORT_MAX_TOKENS = 4096  # torch sorts slices up to 4096 long in one kernel
 PAIRS_MIN_ELEMENTS = 2**23  # T * E from which "pairs" beats the row sort (H200)
+COLUMN_TOPK_TOKENS = (128, 512)  # T range where the column stage takes the int64 top-k (H200)
 INT32_ROW_SORT_MAX_EXPERTS = 128  # no selection (e.g. T = 1): above this, the int64 row top-k
 
 # int32 keys: the score's bits (+0.0 .. 1.0 -> 0 .. 0x3F800000); NaN -> the bits of
@@ -383,8 +385,11 @@ def _stages(plan: RoutingPlan, selecting: bool, column_stage: str, row_stage: st
     T, E = plan.num_tokens, plan.num_experts
     auto = row_stage == "auto" and column_stage == "auto"
     if column_stage == "auto":
-        column_stage = "sort" if T <= SORT_MAX_TOKENS else "topk"
-    if auto and (not selecting and E > INT32_ROW_SORT_MAX_EXPERTS or column_stage == "topk" and E < 128):
+        # int64 top-k beat the stable sort at T = 256 on the H200 (by 4-6 µs) and lost at
+        # T = 16 and 1024; between, the crossover is not measured
+        sorted_ok = T <= SORT_MAX_TOKENS and not COLUMN_TOPK_TOKENS[0] <= T <= COLUMN_TOPK_TOKENS[1]
+        column_stage = "sort" if sorted_ok else "topk"
+    if auto and (not selecting and E > INT32_ROW_SORT_MAX_EXPERTS or T > SORT_MAX_TOKENS and E < 128):
         # Measured on the H200: a row top-k of k beats a full row sort of many experts
         # when nothing is selected; few experts at large T are faster in int64 too.
         return None
@@ -544,15 +549,46 @@ def _device_masks(
     step, start = eq / kp, 0.5 / kp
     end = start + (num_ranks - 0.5) * step
     if num_ranks * eq + kp < 2**44 and math.ceil((end - start) / step) == num_ranks:
-        bounds = torch.empty(T + num_ranks, dtype=torch.float64, device=device)
-        torch.arange(T, out=bounds.narrow(0, 0, T))
-        torch.arange(start, end, step, out=bounds.narrow(0, T, num_ranks))
-        kept = bounds < n_dev
+        kept = _bounds(T, num_ranks, start, end, step, device) < n_dev
         return kept.narrow(0, 0, T).unsqueeze(1), kept.narrow(0, T, num_ranks)
     if num_ranks * eq >= 2**62:
         raise ValueError(f"router_logits is too large for exact capacity arithmetic: T = {T}")
     rank_floor = torch.arange(0, num_ranks * eq, eq, dtype=torch.int64, device=device) // kp
     return torch.arange(T, device=device).unsqueeze(1) < n_dev, rank_floor < n_dev
+
+
+_BOUNDS_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_BOUNDS_CACHE_SIZE = 64
+
+
+def _bounds(T: int, num_ranks: int, start: float, end: float, step: float, device) -> torch.Tensor:
+    """The float64 buffer [0, 1, .., T-1, start, start + step, ..] of `_device_masks`.
+
+    It depends on host values only, so it is made once per shape, device and stream and
+    kept (at most `_BOUNDS_CACHE_SIZE`, oldest out): two kernels less per call. Never
+    kept when made during a CUDA-graph capture (its kernels would only run at replay);
+    SGLang's graph runner calls the layer eagerly before it captures. Per stream, so a
+    reader is always ordered after the kernels that filled it.
+    """
+    device = torch.device(device)
+    stream = None
+    capturing = False
+    if device.type == "cuda" and torch.cuda.is_available():
+        stream = torch.cuda.current_stream(device).cuda_stream
+        capturing = torch.cuda.is_current_stream_capturing()
+    key = (device, stream, T, num_ranks, start, step)
+    bounds = _BOUNDS_CACHE.get(key)
+    if bounds is not None:
+        _BOUNDS_CACHE.move_to_end(key)
+        return bounds
+    bounds = torch.empty(T + num_ranks, dtype=torch.float64, device=device)
+    torch.arange(T, out=bounds.narrow(0, 0, T))
+    torch.arange(start, end, step, out=bounds.narrow(0, T, num_ranks))
+    if not capturing and type(bounds) is torch.Tensor:  # not a fake or traced tensor
+        _BOUNDS_CACHE[key] = bounds
+        while len(_BOUNDS_CACHE) > _BOUNDS_CACHE_SIZE:
+            _BOUNDS_CACHE.popitem(last=False)
+    return bounds
 
 
 def expert_choice_topk_torch(

@@ -241,3 +241,23 @@ def test_softmax_with_dtype_is_softmax_of_float(dtype):
         x = x.to(dtype)
         expected = torch.softmax(x.float(), dim=-1)
         assert torch.equal(routing_scores(x, "softmax").view(torch.int32), expected.view(torch.int32))
+
+
+def test_device_mask_buffer_is_made_once_per_shape():
+    """With n as a tensor the float64 rank/row buffer is host-known: kept after the first
+    call (two kernels less per call), and results do not change."""
+    from sgl_ecpatch.runtime import fast
+
+    fast._BOUNDS_CACHE.clear()
+    logits = torch.randn(40, 16)
+    n = torch.tensor(33)
+    first = expert_choice_topk(logits, 4, impl="torch", num_token_non_padded=n)
+    assert len(fast._BOUNDS_CACHE) == 1
+    buffer = next(iter(fast._BOUNDS_CACHE.values()))
+    second = expert_choice_topk(logits, 4, impl="torch", num_token_non_padded=n)
+    assert len(fast._BOUNDS_CACHE) == 1 and next(iter(fast._BOUNDS_CACHE.values())) is buffer
+    assert_same_routing(first, second)
+    assert_same_routing(expert_choice_topk(logits, 4, impl="reference", num_token_non_padded=n), second)
+    for T in range(1, 80):  # the cache stays bounded
+        expert_choice_topk(torch.randn(T, 16), 4, impl="torch", num_token_non_padded=torch.tensor(T))
+    assert len(fast._BOUNDS_CACHE) <= fast._BOUNDS_CACHE_SIZE
