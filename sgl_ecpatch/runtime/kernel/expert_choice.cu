@@ -827,11 +827,20 @@ __device__ __forceinline__ void route_token(const Params& p, int t, int lane, co
   } else {
     for (int j = 0; j < k; ++j) {
       unsigned long long best = max_tree<VPL, 0, VPL>(rank);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+      {  // warp max of a 64-bit value as two redux.sync: the high words, then the low
+         // words of the lanes holding that high word (v9d; was 5 rounds of 2 shuffles)
+        const unsigned hi = __reduce_max_sync(kFull, static_cast<unsigned>(best >> 32));
+        const unsigned mine = static_cast<unsigned>(best >> 32) == hi ? static_cast<unsigned>(best) : 0u;
+        best = (static_cast<unsigned long long>(hi) << 32) | __reduce_max_sync(kFull, mine);
+      }
+#else
 #pragma unroll
       for (int d = 16; d > 0; d >>= 1) {
         const unsigned long long o = __shfl_xor_sync(kFull, best, d);
         best = o > best ? o : best;
       }
+#endif
       if (best == 0ull) break;                   // no expert left (uniform)
       if (!(best >> 43) && !p.fill_topk) break;  // "drop": only kept experts
       const int e = kMaxExperts - static_cast<int>(best & 2047ull);
