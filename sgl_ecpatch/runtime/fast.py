@@ -564,19 +564,16 @@ _BOUNDS_CACHE_SIZE = 64
 def _bounds(T: int, num_ranks: int, start: float, end: float, step: float, device) -> torch.Tensor:
     """The float64 buffer [0, 1, .., T-1, start, start + step, ..] of `_device_masks`.
 
-    It depends on host values only, so it is made once per shape, device and stream and
-    kept (at most `_BOUNDS_CACHE_SIZE`, oldest out): two kernels less per call. Never
-    kept when made during a CUDA-graph capture (its kernels would only run at replay);
-    SGLang's graph runner calls the layer eagerly before it captures. Per stream, so a
-    reader is always ordered after the kernels that filled it.
+    It depends on host values only, so it is made once per shape and device and kept
+    (at most `_BOUNDS_CACHE_SIZE`, oldest out): two kernels less per call. Never kept
+    when made during a CUDA-graph capture (its kernels would only run at replay);
+    SGLang's graph runner calls the layer eagerly before it captures. When it is kept,
+    the stream that filled it is synchronised once, so any stream may read it later:
+    one host sync per shape, on an eager first call, never on the hot path.
     """
     device = torch.device(device)
-    stream = None
-    capturing = False
-    if device.type == "cuda" and torch.cuda.is_available():
-        stream = torch.cuda.current_stream(device).cuda_stream
-        capturing = torch.cuda.is_current_stream_capturing()
-    key = (device, stream, T, num_ranks, start, step)
+    capturing = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    key = (device, T, num_ranks, start, step)
     bounds = _BOUNDS_CACHE.get(key)
     if bounds is not None:
         _BOUNDS_CACHE.move_to_end(key)
@@ -585,6 +582,8 @@ def _bounds(T: int, num_ranks: int, start: float, end: float, step: float, devic
     torch.arange(T, out=bounds.narrow(0, 0, T))
     torch.arange(start, end, step, out=bounds.narrow(0, T, num_ranks))
     if not capturing and type(bounds) is torch.Tensor:  # not a fake or traced tensor
+        if bounds.is_cuda:
+            torch.cuda.current_stream(bounds.device).synchronize()
         _BOUNDS_CACHE[key] = bounds
         while len(_BOUNDS_CACHE) > _BOUNDS_CACHE_SIZE:
             _BOUNDS_CACHE.popitem(last=False)
