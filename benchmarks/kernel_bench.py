@@ -218,6 +218,10 @@ def profile_kernels(kernel) -> None:
 
 # ----------------------------------------------------------------------------- main
 
+def _secs(value) -> str:
+    return "not measured" if value is None else f"{value:.2f} s"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sglang-dir", default=str(ROOT / ".whl" / "sgl0523"))
@@ -239,7 +243,7 @@ def main() -> int:
     if not args.skip_build_timing:
         with tempfile.TemporaryDirectory() as tmp:
             result.update(build_timings(Path(tmp)))
-        print(f"cold build {result.get('cold_build_s')} s, cached load {result.get('cached_load_s')} s", flush=True)
+        print(f"cold build {_secs(result.get('cold_build_s'))}, cached load {_secs(result.get('cached_load_s'))}", flush=True)
 
     from sgl_ecpatch.runtime import expert_choice_topk, kernel
 
@@ -314,8 +318,8 @@ def main() -> int:
     print()
     print(f"### {card} ({result['sms']} SMs), torch {result['torch']}, CUDA {result['cuda']}, bf16 logits, "
           f"CUDA-graph replays, median µs")
-    print(f"copy bandwidth {bw / 1e9:.0f} GB/s; cold build {result.get('cold_build_s')} s; "
-          f"cached load {result.get('cached_load_s')} s")
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s; cold build {_secs(result.get('cold_build_s'))}; "
+          f"cached load {_secs(result.get('cached_load_s'))}")
     print()
     print("| E | k | T | SGLang router | seed dense | fast torch | kernel | kernel (no PDL) | kernel (no cluster) | kernel (no fused) "
           "| kernel (no split) | kernel / SGLang | seed / kernel | byte floor |")
