@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: the GPU tests of every area, then the routing benchmark.
-# Usage there (carry .whl):  bash benchmarks/gpu_batch.sh [tests|routing|layer|all]
+# Usage there (carry .whl):  bash benchmarks/gpu_batch.sh [tests|routing|kernel|layer|all]
 # Wheels: .whl/*.whl (SGLang 0.5.23), .whl/gpu (what `import sglang` needs, from
 # `python tests/sglang_env.py --download-gpu-wheels .whl/gpu`), .whl/py (pytest).
 set -uo pipefail
@@ -16,7 +16,10 @@ if [[ $what == tests || $what == all ]]; then
         tests/integration/test_gpu_topk.py tests/bench/test_gpu_bench.py 2>&1 | tee "$out/gpu_tests.log" | tail -40
 fi
 if [[ $what == routing || $what == all ]]; then
-    python3 benchmarks/routing_torch.py 2>&1 | tee "$out/routing_torch.md"
+    python3 benchmarks/routing_torch.py --no-kernel --tokens 1 16 64 256 512 1024 4096 16384 2>&1 | tee "$out/routing_torch.md"
+fi
+if [[ $what == kernel || $what == all ]]; then
+    python3 benchmarks/kernel_bench.py 2>&1 | tee "$out/kernel_bench.md" | tail -42
 fi
 if [[ $what == layer || $what == all ]]; then
     python3 benchmarks/bench_gpu.py --out "$out" 2>&1 | tail -60

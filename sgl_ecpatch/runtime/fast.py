@@ -330,19 +330,33 @@ def run_torch(
             bits = torch.clamp(high, min=0)
         weights = bits.view(torch.float32)
     else:
-        if slot_major:
-            weights = torch.gather(scores.t(), 0, top_ids.t())  # [k, T], contiguous
-        else:
-            weights = torch.gather(scores, 1, top_ids)
-        weights.nan_to_num_(nan=0.0)
-        if occupied is not None:
-            # Weights are finite and >= +0.0 here: times 1 is exact, times 0 is +0.0.
-            weights.mul_(occupied.t() if slot_major else occupied)
-    if slot_major:
-        weights = _renormalized(weights)
+        weights = _gathered_weights(scores, top_ids, occupied, slot_major)
+    return _finished(weights, ids, plan, padding_vacant=chosen_only)
 
-    if n_host is not None and n_host < T and not chosen_only:
-        # Padding rows with n on the host; with "drop" they were never chosen.
+
+def _gathered_weights(scores: torch.Tensor, top_ids: torch.Tensor, occupied: Optional[torch.Tensor],
+                      slot_major: bool) -> torch.Tensor:
+    """The scores of the selected experts ([k, T] when ``slot_major``, else [T, k]),
+    NaN -> 0, and 0 where a slot is not occupied."""
+    if slot_major:
+        weights = torch.gather(scores.t(), 0, top_ids.t())  # [k, T], contiguous
+    else:
+        weights = torch.gather(scores, 1, top_ids)
+    weights.nan_to_num_(nan=0.0)
+    if occupied is not None:
+        # Weights are finite and >= +0.0 here: times 1 is exact, times 0 is +0.0.
+        weights.mul_(occupied.t() if slot_major else occupied)
+    return weights
+
+
+def _finished(weights: torch.Tensor, ids: torch.Tensor, plan: RoutingPlan,
+              padding_vacant: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Renormalise slot-major weights (when asked) and clear the padding rows of n on the
+    host, unless they are vacant already (never chosen with "drop")."""
+    if plan.renormalize:
+        weights = _renormalized(weights)
+    n_host, T = plan.num_valid, plan.num_tokens
+    if n_host is not None and n_host < T and not padding_vacant:
         weights.narrow(0, n_host, T - n_host).fill_(0.0)
         ids.narrow(0, n_host, T - n_host).fill_(-1)
     return weights, ids
@@ -415,7 +429,7 @@ def _run_int32(scores: torch.Tensor, plan: RoutingPlan, stages: Tuple[str, str],
     (chosen first, then by score, ties to the lower expert); "pairs" sorts only the
     E * capacity chosen (token, score, expert) triples packed in one int64 each.
     """
-    T, E, k = plan.num_tokens, plan.num_experts, plan.top_k
+    T, k = plan.num_tokens, plan.top_k
     device = scores.device
     n_host = plan.num_valid
     column_stage, row_stage = stages
@@ -484,16 +498,8 @@ def _run_int32(scores: torch.Tensor, plan: RoutingPlan, stages: Tuple[str, str],
             torch.clamp(src, min=0, out=bits)
         weights = bits.view(torch.float32)
     else:
-        weights = torch.gather(scores.t(), 0, top_ids.t()) if slot_major else torch.gather(scores, 1, top_ids)
-        weights.nan_to_num_(nan=0.0)
-        if occupied is not None:
-            weights.mul_(occupied.t() if slot_major else occupied)
-    if slot_major:
-        weights = _renormalized(weights)
-    if n_host is not None and n_host < T and not chosen_only:
-        weights.narrow(0, n_host, T - n_host).fill_(0.0)
-        ids.narrow(0, n_host, T - n_host).fill_(-1)
-    return weights, ids
+        weights = _gathered_weights(scores, top_ids, occupied, slot_major)
+    return _finished(weights, ids, plan, padding_vacant=chosen_only)
 
 
 def _pairs_stage(hi: torch.Tensor, token_idx: torch.Tensor, rank_kept: Optional[torch.Tensor],
