@@ -258,13 +258,8 @@ def run_torch(
     # ranks, only when n lives on the device (one compare for both, see `_device_masks`).
     # n is compared, never multiplied, so it needs no clamp and no cast (an int32 n
     # cannot overflow): t < n and the rank test hold for clamp(n, 0, T) alike.
-    row_valid: Optional[torch.Tensor] = None
-    rank_kept: Optional[torch.Tensor] = None
+    row_valid, rank_kept = _padding_masks(plan, max_capacity if selecting else 0, device)
     if n_host is None:
-        n_dev = plan.num_valid_tensor
-        if n_dev.device != device:
-            n_dev = n_dev.to(device)
-        row_valid, rank_kept = _device_masks(plan, max_capacity if selecting else 0, n_dev, device)
         # Padding rows take the NaN rank: below every valid row with a number, and
         # tied with NaN rows, which win on the lower index. As C(n) <= n, no padding
         # row is ever among an expert's first C(n) tokens.
@@ -437,13 +432,8 @@ def _run_int32(scores: torch.Tensor, plan: RoutingPlan, stages: Tuple[str, str],
         return _empty_result(plan, device)  # C == 0: no expert keeps any token
     hi = torch.nan_to_num(scores, nan=_NAN_BITS).view(torch.int32)  # NaN -> bits of -inf
 
-    row_valid: Optional[torch.Tensor] = None
-    rank_kept: Optional[torch.Tensor] = None
-    if n_host is None:
-        n_dev = plan.num_valid_tensor
-        if n_dev.device != device:
-            n_dev = n_dev.to(device)
-        row_valid, rank_kept = _device_masks(plan, capacity if selecting else 0, n_dev, device)
+    row_valid, rank_kept = _padding_masks(plan, capacity if selecting else 0, device)
+    if row_valid is not None:
         hi = torch.where(row_valid, hi, _NAN32)
 
     token_idx: Optional[torch.Tensor] = None  # [E, capacity]: each expert's tokens, best first
@@ -532,6 +522,17 @@ def _pairs_stage(hi: torch.Tensor, token_idx: torch.Tensor, rank_kept: Optional[
     weight_bits = torch.zeros(dump + 1, dtype=torch.int32, device=device)
     weight_bits.scatter_(0, dest, bits)
     return weight_bits.narrow(0, 0, dump).view(T, k), ids.narrow(0, 0, dump).view(T, k)
+
+
+def _padding_masks(plan: RoutingPlan, num_ranks: int, device
+                   ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """`_device_masks` when n lives on the device, else (None, None)."""
+    if plan.num_valid is not None:
+        return None, None
+    n_dev = plan.num_valid_tensor
+    if n_dev.device != device:
+        n_dev = n_dev.to(device)
+    return _device_masks(plan, num_ranks, n_dev, device)
 
 
 def _device_masks(
