@@ -453,7 +453,7 @@ def _run_int32(scores: torch.Tensor, plan: RoutingPlan, stages: Tuple[str, str],
             weights = _renormalized(weights.t())
         return weights, ids
 
-    flagged = selecting  # chosen entries carry 2**30
+    flagged = selecting  # chosen entries carry the flag 2**30 + 1
     if selecting:
         columns = hi.t()  # [E, T] view of the row keys
         add = _FLAG32
@@ -516,7 +516,7 @@ def _pairs_stage(hi: torch.Tensor, token_idx: torch.Tensor, rank_kept: Optional[
     dest = torch.add(slot, tokens, alpha=k).clamp_(max=dump)
     dest = torch.where(slot < k, dest, dump)
     # bits of the score = bits of 1.0 - the packed middle field; NaN (hi = -2**23) -> 0
-    bits = torch.clamp(_ONE_BITS - ((packed >> _PAIR_KEY_SHIFT) & (2**31 - 1)), min=0).to(torch.int32)  # NaN: 0
+    bits = torch.clamp(_ONE_BITS - ((packed >> _PAIR_KEY_SHIFT) & (2**31 - 1)), min=0).to(torch.int32)
     ids = torch.full((dump + 1,), -1, dtype=torch.int32, device=device)
     ids.scatter_(0, dest, (packed & (2**_PAIR_KEY_SHIFT - 1)).to(torch.int32))
     weight_bits = torch.zeros(dump + 1, dtype=torch.int32, device=device)
