@@ -439,7 +439,12 @@ def _run_int32(scores: torch.Tensor, plan: RoutingPlan, stages: Tuple[str, str],
     token_idx: Optional[torch.Tensor] = None  # [E, capacity]: each expert's tokens, best first
     if selecting:
         rows = hi if n_host is None or n_host == T else hi.narrow(0, 0, n_host)
-        if column_stage == "sort":
+        if column_stage == "sort" and capacity == 1:
+            # Each expert takes one token (decode sizes with many experts): the column's
+            # max, whose index is the first (lowest) among equal keys: one reduction
+            # instead of a transposed copy and a sort.
+            token_idx = rows.max(dim=0).indices.unsqueeze(1)
+        elif column_stage == "sort":
             order = torch.sort(rows.t().contiguous(), dim=1, descending=True, stable=True).indices
             token_idx = order.narrow(1, 0, capacity)
         else:

@@ -19,7 +19,8 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-SHAPES = [(1, 60, 4), (16, 128, 8), (257, 60, 4), (1024, 128, 8), (300, 512, 10), (33, 7, 7)]
+SHAPES = [(1, 60, 4), (16, 128, 8), (257, 60, 4), (1024, 128, 8), (300, 512, 10), (33, 7, 7),
+          (16, 512, 10), (8, 256, 8)]  # the last two: C == 1, the column max
 
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
