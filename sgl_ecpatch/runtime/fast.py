@@ -52,7 +52,8 @@ Two pipelines (`_stages`, decided on the host from the plan and shapes):
 * **int32** (no correction bias, the common case; `_run_int32`): the key is the score's
   32-bit pattern and every tie is settled by *stable* sorts instead of tie bits.
   Column stage: a stable descending ``torch.sort`` of the [E, T] keys (one kernel for
-  T <= 4096) or, above `SORT_MAX_TOKENS`, ``torch.topk`` on unique int64 keys. Row
+  T <= 4096; each column's max when C == 1) or ``torch.topk`` on unique int64 keys
+  (above `SORT_MAX_TOKENS`, and within `COLUMN_TOPK_TOKENS`, where it measured faster). Row
   stage: the chosen entries get a flag (2**30 + 1) and each row is sorted stably, or,
   from `PAIRS_MIN_ELEMENTS` = T * E with ``fill="drop"``, only the E * C chosen
   (token, score, expert) triples are sorted, packed one int64 each. 32-bit sorts and
