@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sgl_ecpatch.bench.seed_baseline import seed_expert_choice_topk  # noqa: E402
+from sgl_ecpatch.bench.timing import time_cuda_graph as graph_timer  # noqa: E402
 from sgl_ecpatch.runtime.config import validate  # noqa: E402
 from sgl_ecpatch.runtime.fast import expert_choice_topk_torch, run_torch  # noqa: E402
 
@@ -95,31 +96,9 @@ def _kernel_available(device) -> bool:
 
 
 def time_cuda_graph(fn, inputs, top_k: int, replays: int) -> float:
-    """Median microseconds per call of fn over the rotating inputs, from graph replays."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for x in inputs[:2]:
-            fn(x, top_k)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for x in inputs:
-            fn(x, top_k)
-    graph.replay()  # warm
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000.0 / len(inputs))
-    del graph
-    return statistics.median(times)
+    """Median microseconds per call of fn over the rotating inputs: ``replays`` samples,
+    each one replay of a graph that routes every input once (`bench.timing`)."""
+    return graph_timer(lambda x: fn(x, top_k), inputs, repeats=replays, replays=1)
 
 
 def time_cpu(fn, inputs, top_k: int, replays: int) -> float:
