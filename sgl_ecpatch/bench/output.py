@@ -51,6 +51,18 @@ class PlotUnavailable(RuntimeError):
     pass
 
 
+def _plot_lines(ax, lines: dict, title: str) -> None:
+    """One panel: a log-log line of µs over tokens per method."""
+    for method, pts in sorted(lines.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("us")
+
+
 def plot(result: dict, path) -> None:
     """Latency vs tokens (log-log, one line per method, one panel per router shape),
     layer time vs tokens when measured, and max/mean EP-rank load vs skew."""
@@ -84,14 +96,7 @@ def plot(result: dict, path) -> None:
             for r in routing:
                 if (r["experts"], r["top_k"]) == shape and r["mode"] == mode:
                     lines[r["method"]].append((r["tokens"], r["us"]))
-            for method, pts in sorted(lines.items()):
-                pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_title(f"routing, {shape[0]} experts top-{shape[1]} ({mode})")
-            ax.set_xlabel("tokens")
-            ax.set_ylabel("us")
+            _plot_lines(ax, lines, f"routing, {shape[0]} experts top-{shape[1]} ({mode})")
         elif kind == "layer":
             name, experts, top_k = shape
             lines = defaultdict(list)
@@ -99,14 +104,7 @@ def plot(result: dict, path) -> None:
             for r in layer:
                 if (r["shape"], r["experts"], r["top_k"]) == shape and r["mode"] == lmode:
                     lines[r["method"]].append((r["tokens"], r["us"]))
-            for method, pts in sorted(lines.items()):
-                pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_title(f"MoE layer, {name} ({lmode})")
-            ax.set_xlabel("tokens")
-            ax.set_ylabel("us")
+            _plot_lines(ax, lines, f"MoE layer, {name} ({lmode})")
         else:
             load = result["load"]
             ranks = max(int(g) for r in load for g in r["max_mean_rank"])
