@@ -374,27 +374,7 @@ def test_select_split_in_cuda_graph(kernel, monkeypatch, split):
         monkeypatch.delenv(SPLIT_KNOB, raising=False)
     else:
         monkeypatch.setenv(SPLIT_KNOB, split)
-    logits = torch.empty(T, E, dtype=torch.bfloat16, device="cuda")
-    count = torch.empty((), dtype=torch.int64, device="cuda")
-    logits.copy_(random_logits(T, E, torch.bfloat16))
-    count.fill_(T)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        kernel.expert_choice_topk_cuda(logits, k, num_token_non_padded=count)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        w, ids = kernel.expert_choice_topk_cuda(logits, k, num_token_non_padded=count)
-    for n in [T, 0, 1, 700, T // 3, T - 1]:
-        logits.copy_(random_logits(T, E, torch.bfloat16))
-        count.fill_(n)
-        w.fill_(float("nan"))
-        ids.fill_(JUNK_ID)
-        graph.replay()
-        torch.cuda.synchronize()
-        ref_w, ref_ids, _ = expert_choice_reference(logits, k, num_token_non_padded=n)
-        assert_matches(logits, k, w, ids, ref_w, ref_ids, {"num_token_non_padded": n}, f"split graph n={n}")
+    replay_with_changing_padding(kernel, T, E, k, torch.int64, [T, 0, 1, 700, T // 3, T - 1], "split graph")
 
 
 def test_without_programmatic_dependent_launch(kernel, monkeypatch):
@@ -405,9 +385,14 @@ def test_without_programmatic_dependent_launch(kernel, monkeypatch):
 
 @pytest.mark.parametrize("T", [16, 48, 64, 1024])
 def test_cuda_graph_capture_and_replay(kernel, T):
-    E, k = 128, 8
+    replay_with_changing_padding(kernel, T, 128, 8, torch.int32, [T, 0, 1, T // 3, T - 1, T], "graph")
+
+
+def replay_with_changing_padding(kernel, T, E, k, count_dtype, counts, label):
+    """Capture one call with the padding count on the device, then replay it with new
+    logits and each count of `counts`; outputs are poisoned before every replay."""
     logits = torch.empty(T, E, dtype=torch.bfloat16, device="cuda")
-    count = torch.empty((), dtype=torch.int32, device="cuda")
+    count = torch.empty((), dtype=count_dtype, device="cuda")
     logits.copy_(random_logits(T, E, torch.bfloat16))
     count.fill_(T)
     stream = torch.cuda.Stream()
@@ -418,7 +403,7 @@ def test_cuda_graph_capture_and_replay(kernel, T):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         w, ids = kernel.expert_choice_topk_cuda(logits, k, num_token_non_padded=count)
-    for n in [T, 0, 1, T // 3, T - 1, T]:
+    for n in counts:
         logits.copy_(random_logits(T, E, torch.bfloat16))
         count.fill_(n)
         w.fill_(float("nan"))
@@ -426,7 +411,7 @@ def test_cuda_graph_capture_and_replay(kernel, T):
         graph.replay()
         torch.cuda.synchronize()
         ref_w, ref_ids, _ = expert_choice_reference(logits, k, num_token_non_padded=n)
-        assert_matches(logits, k, w, ids, ref_w, ref_ids, {"num_token_non_padded": n}, f"graph n={n}")
+        assert_matches(logits, k, w, ids, ref_w, ref_ids, {"num_token_non_padded": n}, f"{label} n={n}")
 
 
 def test_bad_arguments_raise_value_error(kernel):
