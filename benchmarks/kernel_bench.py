@@ -230,6 +230,9 @@ def main() -> int:
     ap.add_argument("--replays", type=int, default=300)
     ap.add_argument("--skip-build-timing", action="store_true")
     ap.add_argument("--profile", action="store_true", help="also print per-kernel device times (torch.profiler)")
+    ap.add_argument("--only", nargs="*", metavar="METHOD",
+                    help="time only these methods (sglang seed torch kernel kernel_no_pdl kernel_no_cluster "
+                         "kernel_no_fused kernel_no_split kernel_no_row); default all")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("kernel_bench: no CUDA GPU, nothing to time", file=sys.stderr)
@@ -283,6 +286,12 @@ def main() -> int:
     methods["kernel_no_cluster"] = kernel_with("SGL_ECPATCH_KERNEL_CLUSTER_MAX_T", "0")
     methods["kernel_no_fused"] = kernel_with("SGL_ECPATCH_KERNEL_FUSED_MAX", "0")
     methods["kernel_no_split"] = kernel_with("SGL_ECPATCH_KERNEL_SELECT_SPLIT", "0")
+    methods["kernel_no_row"] = kernel_with("SGL_ECPATCH_KERNEL_ROW_MAX_T", "0")
+    if args.only:
+        unknown = sorted(set(args.only) - set(methods))
+        if unknown:
+            ap.error(f"--only: unknown methods {unknown}; known: {sorted(methods)}")
+        methods = {name: fn for name, fn in methods.items() if name in args.only}
 
     if args.profile:
         profile_kernels(kernel)
@@ -321,9 +330,13 @@ def main() -> int:
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s; cold build {_secs(result.get('cold_build_s'))}; "
           f"cached load {_secs(result.get('cached_load_s'))}")
     print()
-    print("| E | k | T | SGLang router | seed dense | fast torch | kernel | kernel (no PDL) | kernel (no cluster) | kernel (no fused) "
-          "| kernel (no split) | kernel / SGLang | seed / kernel | byte floor |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    columns = [("sglang", "SGLang router"), ("seed", "seed dense"), ("torch", "fast torch"), ("kernel", "kernel"),
+               ("kernel_no_pdl", "kernel (no PDL)"), ("kernel_no_cluster", "kernel (no cluster)"),
+               ("kernel_no_fused", "kernel (no fused)"), ("kernel_no_split", "kernel (no split)"),
+               ("kernel_no_row", "kernel (no row)")]
+    columns = [(name, title) for name, title in columns if name in methods]
+    print("| E | k | T | " + " | ".join(title for _, title in columns) + " | kernel / SGLang | seed / kernel | byte floor |")
+    print("|---" * (len(columns) + 6) + "|")
 
     def f(v):
         return "n/a" if v is None else f"{v:.1f}"
@@ -331,9 +344,7 @@ def main() -> int:
     for r in result["points"]:
         ratio = r["kernel"] / r["sglang"] if r.get("sglang") and r.get("kernel") else None
         speedup = r["seed"] / r["kernel"] if r.get("seed") and r.get("kernel") else None
-        print(f"| {r['E']} | {r['k']} | {r['T']} | {f(r.get('sglang'))} | {f(r.get('seed'))} | "
-              f"{f(r.get('torch'))} | {f(r.get('kernel'))} | {f(r.get('kernel_no_pdl'))} | {f(r.get('kernel_no_cluster'))} | {f(r.get('kernel_no_fused'))} | "
-              f"{f(r.get('kernel_no_split'))} | "
+        print(f"| {r['E']} | {r['k']} | {r['T']} | " + "".join(f"{f(r.get(name))} | " for name, _ in columns) +
               f"{'n/a' if ratio is None else f'{ratio:.2f}x'} | {'n/a' if speedup is None else f'{speedup:.1f}x'} | "
               f"{r['floor_us']:.2f} |")
     return 0

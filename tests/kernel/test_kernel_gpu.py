@@ -377,13 +377,53 @@ def test_select_split_in_cuda_graph(kernel, monkeypatch, split):
     replay_with_changing_padding(kernel, T, E, k, torch.int64, [T, 0, 1, 700, T // 3, T - 1], "split graph")
 
 
+ROW_KNOB = "SGL_ECPATCH_KERNEL_ROW_MAX_T"
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "nan_pad", "sigmoid_bias"])
+@pytest.mark.parametrize("E,k", [(3, 1), (60, 4), (128, 8), (512, 10), (1000, 32)])
+@pytest.mark.parametrize("T", [1, 2, 5, 9, 16])
+def test_row_kernel_bitwise_equal_to_one_block(kernel, monkeypatch, T, E, k, case):
+    """The block-per-row path (T = 1 one block; T <= 16 one cluster on sm_90+) gives the
+    same bits as the one-block / three-launch paths (knob 0), which match the reference."""
+    logits, kw = split_case_inputs(T, E, "ties" if case == "ties" else "random")
+    if case == "sigmoid_bias":
+        kw = {"scoring_func": "sigmoid", "correction_bias": torch.randn(E, device="cuda") * 0.01}
+    elif case == "nan_pad":  # a NaN row, a row with one NaN, and padding given on the device
+        logits[min(3, T - 1)] = float("nan")
+        logits[T // 2, E // 2] = float("nan")
+        kw = {"num_token_non_padded": torch.tensor(max(T * 2 // 3, 1), dtype=torch.int32, device="cuda")}
+    for fill in ("drop", "topk"):
+        kw["fill"] = fill
+        monkeypatch.setenv(ROW_KNOB, "0")
+        base_w, base_ids = run_kernel(kernel, logits, k, **kw)
+        monkeypatch.delenv(ROW_KNOB)
+        label = f"row T={T} E={E} k={k} {case} {fill}"
+        w, ids = run_kernel(kernel, logits, k, **kw)
+        ref_w, ref_ids, _ = expert_choice_reference(logits, k, **kw)
+        assert_matches(logits, k, w, ids, ref_w, ref_ids, kw, label, bound_near_ties=case != "ties")
+        assert torch.equal(ids, base_ids), f"{label}: ids differ from the other paths"
+        assert torch.equal(w.view(torch.int32), base_w.view(torch.int32)), f"{label}: weights differ"
+
+
+def test_row_kernel_runs_where_chosen(kernel, monkeypatch):
+    """T = 1 takes the row kernel on any card, 2 <= T <= 16 on sm_90+; knob 0 turns it off."""
+    monkeypatch.delenv(ROW_KNOB, raising=False)
+    assert "row_block" in kernel_names(kernel, random_logits(1, 512, torch.bfloat16), 10)
+    clusters = torch.cuda.get_device_capability()[0] >= 9
+    assert ("row_block" in kernel_names(kernel, random_logits(16, 128, torch.bfloat16), 8)) == clusters
+    assert "row_block" not in kernel_names(kernel, random_logits(17, 128, torch.bfloat16), 8)
+    monkeypatch.setenv(ROW_KNOB, "0")
+    assert "row_block" not in kernel_names(kernel, random_logits(1, 512, torch.bfloat16), 10)
+
+
 def test_without_programmatic_dependent_launch(kernel, monkeypatch):
     monkeypatch.setenv("SGL_ECPATCH_KERNEL_PDL", "0")
     logits = random_logits(2048, 256, torch.bfloat16)
     check(kernel, logits, 8, "no PDL")
 
 
-@pytest.mark.parametrize("T", [16, 48, 64, 1024])
+@pytest.mark.parametrize("T", [1, 5, 16, 48, 64, 1024])
 def test_cuda_graph_capture_and_replay(kernel, T):
     replay_with_changing_padding(kernel, T, 128, 8, torch.int32, [T, 0, 1, T // 3, T - 1, T], "graph")
 

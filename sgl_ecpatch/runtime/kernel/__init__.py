@@ -46,6 +46,7 @@ MAX_TOP_K = 32
 FUSED_MAX_DEFAULT = 16384  # largest T * E routed in one launch (T <= 32, E <= 512)
 CLUSTER_MAX_T_DEFAULT = 256  # largest T routed by the one-cluster launch (sm_90+, E <= 256; at most 256)
 SELECT_SPLIT_AUTO = -1  # blocks per expert of the large-T radix select: chosen by the kernel (sm_90+)
+ROW_MAX_T_DEFAULT = 16  # largest T routed by one block per row (T > 1: one cluster of T blocks, sm_90+)
 
 _DTYPE_CODES = {"torch.float32": 0, "torch.bfloat16": 1, "torch.float16": 2}
 _load_lock = threading.Lock()
@@ -176,8 +177,9 @@ def capacity_fraction(capacity_factor: float, num_experts: int) -> tuple:
 def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renormalize=True,
                             scoring_func="softmax", correction_bias=None, num_token_non_padded=None,
                             fill="drop", out=None):
-    """Expert-choice routing on the GPU (ROUTING.md): one launch up to T = 32 (one block) and,
-    on sm_90+, up to T = 256 with E <= 256 (one thread-block cluster); else three.
+    """Expert-choice routing on the GPU (ROUTING.md): one launch up to T = 32 (T = 1, and on
+    sm_90+ T <= 16 with E > 64: one block per row; else one block) and, on sm_90+, up to
+    T = 256 with E <= 256 (one thread-block cluster); else three.
 
     router_logits: [T, E] float32/bfloat16/float16 CUDA tensor (other float dtypes are
     upcast). Returns (topk_weights [T, k] float32, topk_ids [T, k] int32). Launches on
@@ -189,7 +191,9 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
     SGL_ECPATCH_KERNEL_CLUSTER_MAX_T (largest T of the one-cluster path on sm_90+; 0: off),
     SGL_ECPATCH_KERNEL_SELECT_SPLIT (blocks per expert of the large-T radix select on
     sm_90+, a thread-block cluster: unset = chosen from E, T and the SM count; 0 or 1 =
-    one block per expert; 2, 4 or 8 = that many, raised where a slice would not fit).
+    one block per expert; 2, 4 or 8 = that many, raised where a slice would not fit),
+    SGL_ECPATCH_KERNEL_ROW_MAX_T (largest T routed by one block per row: T = 1 as one
+    block, up to 16 on sm_90+ as one cluster of T blocks; 0: off).
     Raises ValueError for bad arguments, NotImplementedError for E > 1024 or
     top_k > 32, RuntimeError when the kernel cannot be loaded or launched.
     """
@@ -259,6 +263,7 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
     fused_max = int(os.environ.get("SGL_ECPATCH_KERNEL_FUSED_MAX", str(FUSED_MAX_DEFAULT)))
     cluster_max_t = int(os.environ.get("SGL_ECPATCH_KERNEL_CLUSTER_MAX_T", str(CLUSTER_MAX_T_DEFAULT)))
     select_split = int(os.environ.get("SGL_ECPATCH_KERNEL_SELECT_SPLIT", str(SELECT_SPLIT_AUTO)))
+    row_max_t = int(os.environ.get("SGL_ECPATCH_KERNEL_ROW_MAX_T", str(ROW_MAX_T_DEFAULT)))
     workspace = torch.empty(int(lib.ec_workspace_bytes(num_tokens, num_experts, fused_max)), dtype=torch.uint8,
                             device=device)
     stream = torch.cuda.current_stream(device).cuda_stream
@@ -270,7 +275,7 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
         int(scoring_func == "sigmoid"), int(fill == "topk"), int(bool(renormalize)),
         workspace.data_ptr(), weights.data_ptr(), ids.data_ptr(),
         device.index if device.index is not None else torch.cuda.current_device(), stream,
-        pdl, fused_max, cluster_max_t, select_split,
+        pdl, fused_max, cluster_max_t, select_split, row_max_t,
     )
     if rc != 0:
         raise RuntimeError(f"expert-choice kernel launch failed: {lib.ec_error_string(rc).decode()}")

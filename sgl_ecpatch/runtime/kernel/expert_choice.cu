@@ -22,6 +22,8 @@
 //     are the ranks of the chosen experts when at most 32 chose it, else k rounds of
 //     a warp-wide max.
 // Launches (all on the caller's stream, no host sync, n read on the device):
+//   T = 1, and T <= 16 with E > 64 on sm_90+: row_block (one block per row, T > 1 as
+//     one cluster of T blocks)
 //   T <= 32, E <= 512, T*E <= 16384:  fused_small (one block, one launch)
 //   T <= 256, E <= 256, sm_90+: cluster_route (one cluster of 16 blocks, one launch)
 //   T <= 1024:   keys (stats, keys transposed) -> warp_select -> token_route
@@ -153,6 +155,7 @@ struct Params {
   int fused_max;       // largest T * E for the one-launch path
   int cluster_max_t;   // largest T for the one-cluster path (0: off; sm_90+ only)
   int select_split;    // blocks per expert of the radix select: -1 automatic, 0/1 off, 2/4/8 (sm_90+)
+  int row_max_t;       // largest T for the block-per-row path (0: off; above 1: sm_90+ clusters)
   int num_sms;         // host only: the device's SM count (automatic select split)
   float2* stats;       // [T] (m, s) of softmax rows; null: recompute per row
   uint32_t* keys_t;    // [E, T] ordered keys, transposed; null: select gathers them
@@ -1156,6 +1159,182 @@ __global__ void __launch_bounds__(kFusedThreads) fused_small_kernel(Params p) {
 }
 
 // ---------------------------------------------------------------------------
+// Kernel R (decode sizes; v10): one block per row, one thread per expert. T = 1 is a
+// plain launch of one block (any card); 2 <= T <= 16 one thread-block cluster of T
+// blocks (sm_90+, E > 64: measured faster than the one block there, slower below).
+// Profiled on the H200 (ncu, v9d): in the one-block kernel a single warp did a row's
+// whole chain, about 3,300 dependent instructions at E = 512 (1,700 of them the k
+// rounds of a warp-wide max), so T = 1 cost 11 µs against 7 for SGLang's router.
+// Here the row is spread over ceil(E / 32) warps:
+//   scores: block max (warp max, then the warps' maxima), exp per thread, the sum in
+//     the order of scores_in_place (lane l adds elements l, l + 32, ... in order, then a
+//     xor butterfly; done by warp 0 from shared memory), exp / sum per thread: the same
+//     bits as every other path;
+//   expert choice (T > 1, 0 < C < n): the keys go to shared memory, one cluster
+//     barrier, and thread e of block t counts the tokens that beat t in column e
+//     (distributed shared memory, n - 1 reads): chosen iff fewer than C do. Every block
+//     does this for its own row only, so no second barrier is needed; a cluster
+//     barrier arrive/wait pair keeps each block's keys alive until the others read them;
+//   slots: each warp orders its own experts' 44-bit ranks (as route_token's) and keeps
+//     its best k as candidates; each candidate's slot is the number of candidates of
+//     all warps that rank above it (reads that every lane makes at one address).
+// v10b (measured, dropped) had no cluster: every block scored all n rows itself. It was
+// slower at every size, T = 1 included (E = 60: 7.8-8.1 µs against 5.5), for reasons
+// not pinned down (its per-row loops and a shared-memory atomic max per row and warp).
+
+constexpr int kRowMaxT = 16;        // the largest cluster of H100/H200 (non-portable above 8)
+constexpr int kRowClusterMinE = 65;  // T > 1 takes kernel R from this many experts
+
+template <int DT>
+__global__ void __launch_bounds__(kMaxExperts) row_block_kernel(Params p) {
+  __shared__ float sred[32];
+  __shared__ float sex[kMaxExperts];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __shared__ uint32_t skey[kMaxExperts];  // this row's keys, read by the cluster's other blocks
+#endif
+  __shared__ __align__(16) unsigned long long srank[kMaxExperts];
+  __shared__ __align__(16) unsigned long long cand_v[kMaxExperts + 2];  // warp w's r-th best at w k + r; 0: none
+  __shared__ float cand_w[kMaxExperts];
+  __shared__ float slot_w[kMaxTopK];
+  __shared__ int slot_id[kMaxTopK];
+  __shared__ float ssum;
+  const int e = threadIdx.x, lane = e & 31, warp = e >> 5, nw = blockDim.x >> 5;
+  const int E = p.E, k = p.k;
+  const int t = blockIdx.x;  // this block's row
+  const int n = read_n(p);
+  const int C = capacity(p, n);
+  const bool valid = t < n;  // uniform per block
+  const bool in = e < E;
+  float score = 0.0f;
+  uint32_t key = 0u;
+  if (valid) {
+    const float x = in ? load_val<DT>(p.logits, static_cast<long long>(t) * E + e) : 0.0f;
+    if (p.sigmoid) {
+      score = in ? sigmoid_score(x) : 0.0f;
+    } else {
+      float m = in ? fmaxf(-INFINITY, x) : -INFINITY;
+#pragma unroll
+      for (int d = 16; d > 0; d >>= 1) m = fmaxf(m, __shfl_xor_sync(kFull, m, d));
+      if (lane == 0) sred[warp] = m;
+      __syncthreads();
+      m = -INFINITY;
+#pragma unroll
+      for (int w = 0; w < kMaxExperts / 32; ++w)  // fixed trip count: the loads are issued together
+        if (w < nw) m = fmaxf(m, sred[w]);
+      const float ex = in ? expf(x - m) : 0.0f;
+      sex[e] = ex;
+      __syncthreads();
+      if (warp == 0) {
+        float s = 0.0f;
+#pragma unroll
+        for (int i = 0; i < kMaxExperts / 32; ++i) {
+          const int j = lane + 32 * i;
+          if (j < E) s += sex[j];
+        }
+#pragma unroll
+        for (int d = 16; d > 0; d >>= 1) s += __shfl_xor_sync(kFull, s, d);
+        if (lane == 0) ssum = s;
+      }
+      __syncthreads();
+      score = in ? ex / ssum : 0.0f;
+    }
+    key = in ? okey(score + bias_at(p, e)) : 0u;
+  }
+  bool chosen = valid && in && C > 0;  // C >= n: every valid token is chosen
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  const bool select = gridDim.x > 1 && C > 0 && C < n;  // uniform over the cluster
+  if (select) {
+    cg::cluster_group cluster = cg::this_cluster();
+    skey[e] = key;
+    cluster.sync();
+    if (valid && in) {
+      int beat = 0;
+#pragma unroll
+      for (int u = 0; u < kRowMaxT; ++u) {
+        if (u < n && u != t) {
+          const uint32_t ku = cluster.map_shared_rank(skey, u)[e];
+          beat += ku > key || (ku == key && u < t);
+        }
+      }
+      chosen = beat < C;
+    }
+    cluster.barrier_arrive();  // this block's reads of the others' keys are done
+  }
+#endif
+  if (valid) {
+    // ranks: bit 43 chosen | bits 11..42 key | bits 0..10 1024 - e; 0: not a slot
+    const unsigned long long v =
+        (in && (chosen || p.fill_topk))
+            ? (static_cast<unsigned long long>(chosen) << 43) | (static_cast<unsigned long long>(key) << 11) |
+                  static_cast<unsigned long long>(kMaxExperts - e)
+            : 0ull;
+    srank[e] = v;
+    __syncwarp();
+    int pos = 0;  // place among the warp's own experts (broadcast reads, two per load)
+    const ulonglong2* wr = reinterpret_cast<const ulonglong2*>(srank + warp * 32);
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const ulonglong2 q = wr[j];
+      pos += (q.x > v) + (q.y > v);
+    }
+    const int cnt = __popc(__ballot_sync(kFull, v != 0ull));
+    if (lane < k && lane >= cnt) cand_v[warp * k + lane] = 0ull;
+    if (v != 0ull && pos < k) {
+      cand_v[warp * k + pos] = v;
+      cand_w[warp * k + pos] = score;
+    }
+    if (e == 0) cand_v[nw * k] = 0ull;  // pads the list to an even length
+    if (warp == 0 && lane < k) {        // vacant unless a candidate takes the slot
+      slot_w[lane] = 0.0f;
+      slot_id[lane] = -1;
+    }
+    __syncthreads();
+    // each candidate's slot: how many candidates of all warps rank above it (every
+    // lane reads the same address: a broadcast; two candidates per load)
+    const int M = nw * k;
+    if (e < M) {
+      const unsigned long long c = cand_v[e];
+      if (c != 0ull) {
+        const ulonglong2* pairs = reinterpret_cast<const ulonglong2*>(cand_v);
+        int g = 0;
+#pragma unroll 8
+        for (int i = 0; i < (M + 1) / 2; ++i) {
+          const ulonglong2 q = pairs[i];
+          g += (q.x > c) + (q.y > c);
+        }
+        if (g < k) {
+          float wt = cand_w[e];
+          if (wt != wt) wt = 0.0f;  // a NaN score weighs 0
+          slot_w[g] = wt;
+          slot_id[g] = kMaxExperts - static_cast<int>(c & 2047ull);
+        }
+      }
+    }
+    __syncthreads();
+    if (warp == 0) {
+      float sum = 0.0f;  // slot order, float32; vacant slots add +0.0, which changes no bit
+#pragma unroll
+      for (int j = 0; j < kMaxTopK; ++j)
+        if (j < k) sum += slot_w[j];
+      float my_w = lane < k ? slot_w[lane] : 0.0f;
+      const int my_id = lane < k ? slot_id[lane] : -1;
+      if (p.renorm && sum > 0.0f) my_w = my_w / sum;
+      const long long out_base = static_cast<long long>(t) * k;
+      if (lane < k) {
+        p.out_id[out_base + lane] = my_id;
+        p.out_w[out_base + lane] = my_w;
+      }
+    }
+  } else if (warp == 0) {
+    write_padding_row(p, t, lane);
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (select) cg::this_cluster().barrier_wait();  // no block leaves while another may read its keys
+#endif
+}
+
+// ---------------------------------------------------------------------------
 // host side
 
 constexpr int kSmemKeysMax = 16384;                  // 64 KiB of keys per select block
@@ -1369,8 +1548,47 @@ cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
   return launch(token_route_kernel<DT, VPL>, token_grid, kTokenWarps * 32, 0, stream, pdl, p);
 }
 
+// Block-per-row launch (kernel R): one block for T = 1, else one cluster of T blocks
+// (sm_90+, E >= kRowClusterMinE; the host sets row_max_t to 1 below sm_90). Whether a
+// cluster of T blocks of this size can run is asked once per (T, warps) and cached per
+// process. Returns false, with nothing launched, where it cannot.
+template <int DT>
+bool launch_row(const Params& p, cudaStream_t stream, cudaError_t& err) {
+  if (p.T > p.row_max_t || p.T > kRowMaxT || (p.T > 1 && p.E < kRowClusterMinE)) return false;
+  void (*kernel)(Params) = row_block_kernel<DT>;
+  const int warps = (p.E + 31) / 32;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(p.T);
+  cfg.blockDim = dim3(warps * 32);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = p.T;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = p.T > 1 ? 1 : 0;
+  if (p.T > 1) {
+    static signed char state[kRowMaxT + 1][kMaxExperts / 32 + 1] = {};  // 0 unknown, 1 runs, -1 cannot
+    signed char& st = state[p.T][warps];
+    if (st == 0) {
+      int clusters = 0;
+      const bool ok =
+          (p.T <= 8 || cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess) &&
+          cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters >= 1;
+      if (!ok) cudaGetLastError();
+      st = ok ? 1 : -1;
+    }
+    if (st < 0) return false;
+  }
+  err = cudaLaunchKernelEx(&cfg, kernel, p);
+  return true;
+}
+
 template <int DT>
 cudaError_t launch_all(const Params& p, cudaStream_t stream, bool pdl) {
+  cudaError_t err = cudaSuccess;
+  if (launch_row<DT>(p, stream, err)) return err;
   switch (vpl_of(p.E)) {
     case 2: return launch_vpl<DT, 2>(p, stream, pdl);
     case 4: return launch_vpl<DT, 4>(p, stream, pdl);
@@ -1385,7 +1603,7 @@ cudaError_t launch_all(const Params& p, cudaStream_t stream, bool pdl) {
 extern "C" {
 
 // Version of this C interface; the Python side checks it after loading.
-int ec_abi_version() { return 6; }
+int ec_abi_version() { return 7; }
 
 // Bytes of device workspace for T tokens and E experts: row statistics [T], the
 // thresholds [E] twice, and outside the one-launch path (up to 2^24 elements) the
@@ -1411,13 +1629,15 @@ const char* ec_error_string(int code) {
 // largest T * E routed by the one-launch kernel; `cluster_max_t` the largest T routed
 // by the one-cluster kernel (sm_90+, E <= 256, T <= 256; 0 turns it off);
 // `select_split` the blocks per expert of the large-T radix select (sm_90+: -1 chooses,
-// 0 or 1 is one block, 2/4/8 a cluster of that many). Returns 0 or an error code (see
+// 0 or 1 is one block, 2/4/8 a cluster of that many); `row_max_t` the largest T routed
+// by one block per row (T = 1: one block; up to 16 on sm_90+ with E > 64: one cluster
+// of T blocks; 0 turns it off). Returns 0 or an error code (see
 // ec_error_string).
 int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bias, int bias_dtype,
              const void* n_ptr, int n_is_64, long long n_host, long long cf_num, long long cf_den,
              int sigmoid, int fill_topk, int renorm, void* workspace, float* out_w, int* out_id,
              int device, void* stream, int pdl_enabled, int fused_max, int cluster_max_t,
-             int select_split) {
+             int select_split, int row_max_t) {
   if (E < 1 || E > ec::kMaxExperts || k < 1 || k > E || k > ec::kMaxTopK) return -1;
   if (T <= 0) return 0;
   int prev = -1;
@@ -1442,6 +1662,7 @@ int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bia
   p.fused_max = fused_max;
   p.cluster_max_t = cluster_max_t;
   p.select_split = select_split;
+  p.row_max_t = row_max_t;
   p.num_sms = 0;
   char* ws = static_cast<char*>(workspace);
   const long long off_thr = static_cast<long long>(T) * 8;
@@ -1461,6 +1682,7 @@ int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bia
   if (major < 9) {  // thread-block clusters: sm_90+
     p.cluster_max_t = 0;
     p.select_split = 0;
+    if (p.row_max_t > 1) p.row_max_t = 1;  // T = 1 needs no cluster
   }
   if (p.select_split < 0) cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, device);
   cudaError_t err;
