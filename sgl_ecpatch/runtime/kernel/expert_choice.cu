@@ -190,6 +190,32 @@ __device__ __forceinline__ float bias_at(const Params& p, int e) {
   return p.bias ? load_any(p.bias, p.bias_dtype, e) : 0.0f;
 }
 
+// The bias of experts lane + 32 i (0 without a bias, and for e >= E), the dtype decided
+// once outside the loop so that the VPL loads are issued together.
+template <int DT, int VPL>
+__device__ __forceinline__ void bias_row_dt(const Params& p, int lane, float (&b)[VPL]) {
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) {
+    const int e = lane + 32 * i;
+    const float v = load_val<DT>(p.bias, e < p.E ? e : p.E - 1);
+    b[i] = e < p.E ? v : 0.0f;
+  }
+}
+
+template <int VPL>
+__device__ __forceinline__ void bias_row(const Params& p, int lane, float (&b)[VPL]) {
+  if (p.bias == nullptr) {
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) b[i] = 0.0f;
+  } else if (p.bias_dtype == kDtF32) {
+    bias_row_dt<kDtF32, VPL>(p, lane, b);
+  } else if (p.bias_dtype == kDtBf16) {
+    bias_row_dt<kDtBf16, VPL>(p, lane, b);
+  } else {
+    bias_row_dt<kDtF16, VPL>(p, lane, b);
+  }
+}
+
 // Writes the threshold of expert e for the trivial capacities; returns true if done.
 __device__ __forceinline__ bool trivial_threshold(const Params& p, int e, int n, int C) {
   if (C == 0) {  // nobody chosen
@@ -308,9 +334,9 @@ __global__ void __launch_bounds__(kWarpSelectWarps * 32) warp_select_kernel(Para
   uint32_t v = bits == 32 ? 0u : (lo & ~((1u << bits) - 1u));  // the bits all keys share
   for (int b = bits - 1; b >= 0; --b) {  // largest v with count(key >= v) >= C
     const uint32_t cand = v | (1u << b);
-    int cnt = 0;
+    int cnt = 0;  // absent keys are 0 and cand >= 1: no validity test needed
 #pragma unroll
-    for (int i = 0; i < KPL; ++i) cnt += (lane + 32 * i < n) && key[i] >= cand;
+    for (int i = 0; i < KPL; ++i) cnt += key[i] >= cand;
     if (warp_sum(cnt) >= C) v = cand;
   }
   int greater = 0;
@@ -758,20 +784,23 @@ __device__ __forceinline__ void route_token(const Params& p, int t, int lane, co
   const long long out_base = static_cast<long long>(t) * k;
   unsigned long long rank[VPL];
   float score[VPL];
+  // No branch around a load here: the expert index is clamped into [0, E) and the
+  // result masked after. v10c: with `if (e < E)` around the bias and threshold reads,
+  // ptxas waited for each element's loads inside its branch, VPL dependent round trips
+  // per row (seen in the SASS of the token kernel and of kernel C).
+  float b[VPL];
+  bias_row<VPL>(p, lane, b);
 #pragma unroll
   for (int i = 0; i < VPL; ++i) {
     const int e = lane + 32 * i;
-    rank[i] = 0ull;
-    score[i] = 0.0f;
-    if (e < p.E) {
-      const float sc = sc_row[i];
-      const uint32_t key = okey(sc + bias_at(p, e));
-      const bool chosen = is_chosen(e, key);
-      rank[i] = (static_cast<unsigned long long>(chosen) << 43) |
-                (static_cast<unsigned long long>(key) << 11) |
-                static_cast<unsigned long long>(kMaxExperts - e);
-      score[i] = sc;
-    }
+    const int ec = e < p.E ? e : p.E - 1;
+    const uint32_t key = okey(sc_row[i] + b[i]);
+    const bool chosen = is_chosen(ec, key);
+    rank[i] = e < p.E ? (static_cast<unsigned long long>(chosen) << 43) |
+                            (static_cast<unsigned long long>(key) << 11) |
+                            static_cast<unsigned long long>(kMaxExperts - e)
+                      : 0ull;
+    score[i] = e < p.E ? sc_row[i] : 0.0f;
   }
   // compact the chosen experts
   const unsigned lt_mask = (1u << lane) - 1u;
@@ -908,7 +937,7 @@ __global__ void __launch_bounds__(kTokenWarps * 32) token_route_kernel(Params p)
   route_token<VPL, 32>(p, t, lane, x, scratch[warp], [&](int e, uint32_t key) {
     const uint32_t tk = p.thr_key[e];
     const int tt = p.thr_tok[e];
-    return key > tk || (key == tk && t <= tt);
+    return (key > tk) | ((key == tk) & (t <= tt));  // both read, no branch
   });
 }
 
@@ -990,16 +1019,17 @@ __global__ void __launch_bounds__(kClusterWarps * 32, 1) cluster_route_kernel(Pa
       for (int j = 0; j < EPW; ++j) {
         const int e = e0 + j * estep;
         uint32_t lo = 0xffffffffu, hi = 0u;
+        const int ec = e < E ? e : E - 1;
 #pragma unroll
-        for (int i = 0; i < KPL; ++i) {
-          const int tt = lane + 32 * i;
-          key[j][i] = 0u;
-          if (e < E && tt < n) {
-            const int blk = tt / R;
-            key[j][i] = cluster.map_shared_rank(skeys, blk)[e * stride + (tt - blk * R)];
-            lo = min(lo, key[j][i]);
-            hi = max(hi, key[j][i]);
-          }
+        for (int i = 0; i < KPL; ++i) {  // every remote read issued before the first use:
+          const int tt = lane + 32 * i;  // clamped indices, no branch (v10c); only the
+          const int tc = tt < n ? tt : n - 1;  // groups of 32 that hold a token are read
+          const int blk = tc / R;
+          const uint32_t kv = 32 * i < n ? cluster.map_shared_rank(skeys, blk)[ec * stride + (tc - blk * R)] : 0u;
+          const bool ok = e < E && tt < n;
+          key[j][i] = ok ? kv : 0u;
+          lo = ok ? min(lo, kv) : lo;
+          hi = ok ? max(hi, kv) : hi;
         }
         lo = __reduce_min_sync(kFull, lo);  // redux.sync: one instruction on sm_80+
         hi = __reduce_max_sync(kFull, hi);
@@ -1015,9 +1045,9 @@ __global__ void __launch_bounds__(kClusterWarps * 32, 1) cluster_route_kernel(Pa
         for (int j = 0; j < EPW; ++j) {
           if (b < bits[j]) {  // uniform per warp
             const uint32_t cand = v[j] | (1u << b);
-            int cnt = 0;
+            int cnt = 0;  // absent keys are 0 and cand >= 1: no validity test needed
 #pragma unroll
-            for (int i = 0; i < KPL; ++i) cnt += (lane + 32 * i < n) && key[j][i] >= cand;
+            for (int i = 0; i < KPL; ++i) cnt += key[j][i] >= cand;
             if (static_cast<int>(__reduce_add_sync(kFull, static_cast<unsigned>(cnt))) >= C) v[j] = cand;
           }
         }
@@ -1065,7 +1095,7 @@ __global__ void __launch_bounds__(kClusterWarps * 32, 1) cluster_route_kernel(Pa
       route_token<VPL, 32>(p, t, lane, x, scratch[warp], [&](int e, uint32_t key) {
         const uint32_t tk = sthr_key[e];
         const int tt = sthr_tok[e];
-        return key > tk || (key == tk && t <= tt);
+        return (key > tk) | ((key == tk) & (t <= tt));  // both read, no branch
       });
     }
   }
