@@ -227,6 +227,8 @@ def main() -> int:
     ap.add_argument("--sglang-dir", default=str(ROOT / ".whl" / "sgl0523"))
     ap.add_argument("--quick", action="store_true", help="fewer replays and points (a smoke run)")
     ap.add_argument("--tokens", type=int, nargs="*", help=f"token counts (default {TOKENS})")
+    ap.add_argument("--configs", nargs="*", metavar="E:k",
+                    help="(experts, top-k) pairs, e.g. 8:2 60:4 (default " + " ".join(f"{e}:{k}" for e, k in POINTS) + ")")
     ap.add_argument("--replays", type=int, default=300)
     ap.add_argument("--skip-build-timing", action="store_true")
     ap.add_argument("--profile", action="store_true", help="also print per-kernel device times (torch.profiler)")
@@ -297,6 +299,13 @@ def main() -> int:
         profile_kernels(kernel)
 
     points = POINTS
+    if args.configs:
+        try:
+            points = [tuple(int(v) for v in c.split(":")) for c in args.configs]
+            if any(len(pt) != 2 or not 1 <= pt[1] <= pt[0] for pt in points):
+                raise ValueError
+        except ValueError:
+            ap.error(f"--configs: expected E:k pairs with 1 <= k <= E, got {args.configs}")
     tokens = args.tokens or (TOKENS if not args.quick else [1, 64, 1024, 16384])
     replays = args.replays if not args.quick else 100
     l2 = getattr(props, "L2_cache_size", 50 << 20)

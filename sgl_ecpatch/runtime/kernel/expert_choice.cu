@@ -1116,6 +1116,33 @@ constexpr int kFusedThreads = 512;
 constexpr int kFusedMaxT = 32;
 constexpr int kFusedMaxElems = 16384;  // 64 KiB of keys + 64 KiB of scores
 
+// Expert e's C best of the n <= NT tokens in skeys ([t][E]) as a bit mask; ties: lower t.
+// The column goes to registers first, every read issued together (v10e: the rounds read
+// shared memory inside a branch per token, one dependent read after another); NT is the
+// unrolled width, n rounded up to 8, 16 or 32 (a fixed 32 cost 0.2-0.6 µs at T <= 8).
+template <int NT>
+__device__ __forceinline__ unsigned long long column_choice(const uint32_t* skeys, int E, int e, int n, int C,
+                                                            unsigned long long all) {
+  uint32_t key[NT];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) key[t] = skeys[(t < n ? t : 0) * E + e];
+  unsigned long long avail = all;  // valid tokens not yet taken
+  unsigned long long mask = 0ull;
+  for (int r = 0; r < C; ++r) {
+    int best_t = -1;
+    uint32_t best_key = 0u;
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      const bool better = ((avail >> t) & 1ull) && (best_t < 0 || key[t] > best_key);
+      best_t = better ? t : best_t;
+      best_key = better ? key[t] : best_key;
+    }
+    mask |= 1ull << best_t;
+    avail &= ~(1ull << best_t);
+  }
+  return mask;
+}
+
 template <int DT, int VPL>
 __global__ void __launch_bounds__(kFusedThreads) fused_small_kernel(Params p) {
   extern __shared__ uint32_t fsm[];  // [T][E] keys for phase 2, then [T][E] scores for phase 3
@@ -1147,22 +1174,9 @@ __global__ void __launch_bounds__(kFusedThreads) fused_small_kernel(Params p) {
   const unsigned long long all = n == 64 ? ~0ull : ((1ull << n) - 1ull);
   for (int e = threadIdx.x; e < E; e += kFusedThreads) {
     unsigned long long mask = C == 0 ? 0ull : all;
-    if (select) {
-      mask = 0ull;
-      for (int r = 0; r < C; ++r) {  // the best token not yet taken; ties: lower t
-        int best_t = -1;
-        uint32_t best_key = 0u;
-        for (int t = 0; t < n; ++t) {
-          if ((mask >> t) & 1ull) continue;
-          const uint32_t u = skeys[t * E + e];
-          if (best_t < 0 || u > best_key) {
-            best_t = t;
-            best_key = u;
-          }
-        }
-        mask |= 1ull << best_t;
-      }
-    }
+    if (select) mask = n <= 8 ? column_choice<8>(skeys, E, e, n, C, all)
+                      : n <= 16 ? column_choice<16>(skeys, E, e, n, C, all)
+                                : column_choice<kFusedMaxT>(skeys, E, e, n, C, all);
     chosen_mask[e] = mask;
   }
   __syncthreads();
@@ -1537,10 +1551,10 @@ cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
   if constexpr (VPL <= 16) {  // E <= 512: the row's registers fit 512 threads
     const bool fused_ok = use_fused(p.T, p.E, p.fused_max);
     if constexpr (VPL <= 8) {
-      // the one cluster before the one block from T = 25, or from T = 17 with E > 128
-      // (H200, session 3: T = 32 E = 256 12.9 µs against 17.7; E <= 128 and T <= 24
-      // the one block is 0.7-1.6 µs faster)
-      if (fused_ok && p.T > 16 && (p.T > 24 || p.E > 128) && p.T <= p.cluster_max_t && p.T <= kClusterMaxT) {
+      // the one cluster before the one block from T = 17 with E > 128 (H200, session 3:
+      // T = 32 E = 256 12.7 µs against 13.5; with E <= 128 the one block is faster since
+      // v10e: T = 32 8.7 / 9.3 / 10.4 µs against 10.7 / 10.6 / 11.1 for E = 60 / 64 / 128)
+      if (fused_ok && p.T > 16 && p.E > 128 && p.T <= p.cluster_max_t && p.T <= kClusterMaxT) {
         err = cudaSuccess;
         if (launch_cluster<DT, VPL, 1>(p, stream, err)) return err;
       }
