@@ -46,7 +46,7 @@ MAX_TOP_K = 32
 FUSED_MAX_DEFAULT = 16384  # largest T * E routed in one launch (T <= 32, E <= 512)
 CLUSTER_MAX_T_DEFAULT = 256  # largest T routed by the one-cluster launch (sm_90+, E <= 256; at most 256)
 SELECT_SPLIT_AUTO = -1  # blocks per expert of the large-T radix select: chosen by the kernel (sm_90+)
-ROW_MAX_T_DEFAULT = 16  # largest T routed by one block per row (T > 1: one cluster of T blocks, sm_90+)
+ROW_MAX_T_DEFAULT = 16  # largest T routed by one block per row (T > 1: one cluster of T blocks, sm_90+, E > 64)
 
 _DTYPE_CODES = {"torch.float32": 0, "torch.bfloat16": 1, "torch.float16": 2}
 _load_lock = threading.Lock()
@@ -177,9 +177,11 @@ def capacity_fraction(capacity_factor: float, num_experts: int) -> tuple:
 def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renormalize=True,
                             scoring_func="softmax", correction_bias=None, num_token_non_padded=None,
                             fill="drop", out=None):
-    """Expert-choice routing on the GPU (ROUTING.md): one launch up to T = 32 (T = 1, and on
-    sm_90+ T <= 16 with E > 64: one block per row; else one block) and, on sm_90+, up to
-    T = 256 with E <= 256 (one thread-block cluster); else three.
+    """Expert-choice routing on the GPU (ROUTING.md). One launch: T = 1 (one block, a thread
+    per expert); on sm_90+ T <= 16 with E > 64 (one cluster of T such blocks); T <= 32 with
+    E <= 256 and T <= 24 with E <= 512 (one block; on sm_90+ a 16-block cluster for
+    17 <= T <= 32 with E > 128); on sm_90+ T <= 256 with E <= 256 (one 16-block cluster).
+    Else three launches.
 
     router_logits: [T, E] float32/bfloat16/float16 CUDA tensor (other float dtypes are
     upcast). Returns (topk_weights [T, k] float32, topk_ids [T, k] int32). Launches on

@@ -24,7 +24,8 @@
 // Launches (all on the caller's stream, no host sync, n read on the device):
 //   T = 1, and T <= 16 with E > 64 on sm_90+: row_block (one block per row, T > 1 as
 //     one cluster of T blocks)
-//   T <= 32, E <= 512, T*E <= 16384:  fused_small (one block, one launch)
+//   T <= 32 (T <= 24 for E > 256), E <= 512, T*E <= 16384:  fused_small (one block,
+//     one launch), except 17 <= T <= 32 with 128 < E <= 256 on sm_90+: cluster_route
 //   T <= 256, E <= 256, sm_90+: cluster_route (one cluster of 16 blocks, one launch)
 //   T <= 1024:   keys (stats, keys transposed) -> warp_select -> token_route
 //   larger T:    keys -> select_radix (one block per expert) -> token_route
