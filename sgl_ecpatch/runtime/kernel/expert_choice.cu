@@ -303,6 +303,15 @@ __device__ __forceinline__ int warp_sum(int v) {
   return v;
 }
 
+// The selections skip the high bits that every key of a column shares: the number of
+// bits below the prefix common to its min and max (0-32), and the mask of that prefix.
+__device__ __forceinline__ int bits_below_prefix(uint32_t lo, uint32_t hi) {
+  const uint32_t diff = lo ^ hi;
+  return diff ? 32 - __clz(diff) : 0;
+}
+
+__device__ __forceinline__ uint32_t prefix_mask(int bits) { return bits == 32 ? 0u : ~((1u << bits) - 1u); }
+
 template <int KPL>
 __global__ void __launch_bounds__(kWarpSelectWarps * 32) warp_select_kernel(Params p) {
   allow_dependents();
@@ -330,9 +339,8 @@ __global__ void __launch_bounds__(kWarpSelectWarps * 32) warp_select_kernel(Para
     lo = min(lo, __shfl_xor_sync(kFull, lo, d));
     hi = max(hi, __shfl_xor_sync(kFull, hi, d));
   }
-  const uint32_t diff = lo ^ hi;
-  const int bits = diff ? 32 - __clz(diff) : 0;
-  uint32_t v = bits == 32 ? 0u : (lo & ~((1u << bits) - 1u));  // the bits all keys share
+  const int bits = bits_below_prefix(lo, hi);
+  uint32_t v = lo & prefix_mask(bits);  // the bits all keys share
   for (int b = bits - 1; b >= 0; --b) {  // largest v with count(key >= v) >= C
     const uint32_t cand = v | (1u << b);
     int cnt = 0;  // absent keys are 0 and cand >= 1: no validity test needed
@@ -459,9 +467,8 @@ __global__ void __launch_bounds__(kSelectThreads) select_radix_kernel(Params p, 
     atomicMax(&s_max, hi);
   }
   __syncthreads();
-  const uint32_t diff = s_min ^ s_max;
-  int bits_left = diff ? 32 - __clz(diff) : 0;  // bits below the common prefix
-  uint32_t mask = bits_left == 32 ? 0u : ~((1u << bits_left) - 1u);
+  int bits_left = bits_below_prefix(s_min, s_max);
+  uint32_t mask = prefix_mask(bits_left);
   uint32_t prefix = s_min & mask;
   unsigned remaining = static_cast<unsigned>(C);  // rank (1-based) still to find
   while (bits_left > 0) {
@@ -624,9 +631,8 @@ __global__ void __launch_bounds__(kSplitThreads) select_split_kernel(Params p, i
     }
   }
   __syncthreads();
-  const uint32_t diff = s_glo ^ s_ghi;
-  int bits_left = diff ? 32 - __clz(diff) : 0;  // bits below the common prefix
-  uint32_t mask = bits_left == 32 ? 0u : ~((1u << bits_left) - 1u);
+  int bits_left = bits_below_prefix(s_glo, s_ghi);
+  uint32_t mask = prefix_mask(bits_left);
   uint32_t prefix = s_glo & mask;
   unsigned remaining = static_cast<unsigned>(C);  // rank (1-based) still to find
   const bool any_pass = bits_left > 0;
@@ -1034,9 +1040,8 @@ __global__ void __launch_bounds__(kClusterWarps * 32, 1) cluster_route_kernel(Pa
         }
         lo = __reduce_min_sync(kFull, lo);  // redux.sync: one instruction on sm_80+
         hi = __reduce_max_sync(kFull, hi);
-        const uint32_t diff = lo ^ hi;
-        bits[j] = (e < E && diff) ? 32 - __clz(diff) : 0;
-        v[j] = bits[j] == 32 ? 0u : (lo & ~((1u << bits[j]) - 1u));
+        bits[j] = e < E ? bits_below_prefix(lo, hi) : 0;
+        v[j] = lo & prefix_mask(bits[j]);
       }
       int maxbits = bits[0];
 #pragma unroll
