@@ -234,7 +234,8 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="also print per-kernel device times (torch.profiler)")
     ap.add_argument("--only", nargs="*", metavar="METHOD",
                     help="time only these methods (sglang seed torch kernel kernel_no_pdl kernel_no_cluster "
-                         "kernel_no_fused kernel_no_split kernel_no_row); default all")
+                         "kernel_no_fused kernel_no_split kernel_no_row kernel_no_rank; kernel_rank_all only "
+                         "when named); default all")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("kernel_bench: no CUDA GPU, nothing to time", file=sys.stderr)
@@ -289,6 +290,9 @@ def main() -> int:
     methods["kernel_no_fused"] = kernel_with("SGL_ECPATCH_KERNEL_FUSED_MAX", "0")
     methods["kernel_no_split"] = kernel_with("SGL_ECPATCH_KERNEL_SELECT_SPLIT", "0")
     methods["kernel_no_row"] = kernel_with("SGL_ECPATCH_KERNEL_ROW_MAX_T", "0")
+    methods["kernel_no_rank"] = kernel_with("SGL_ECPATCH_KERNEL_RANK_MAX", "0")
+    if args.only and "kernel_rank_all" in args.only:  # a sweep column: only when asked for
+        methods["kernel_rank_all"] = kernel_with("SGL_ECPATCH_KERNEL_RANK_MAX", "1000000")
     if args.only:
         unknown = sorted(set(args.only) - set(methods))
         if unknown:
@@ -342,7 +346,8 @@ def main() -> int:
     columns = [("sglang", "SGLang router"), ("seed", "seed dense"), ("torch", "fast torch"), ("kernel", "kernel"),
                ("kernel_no_pdl", "kernel (no PDL)"), ("kernel_no_cluster", "kernel (no cluster)"),
                ("kernel_no_fused", "kernel (no fused)"), ("kernel_no_split", "kernel (no split)"),
-               ("kernel_no_row", "kernel (no row)")]
+               ("kernel_no_row", "kernel (no row)"), ("kernel_no_rank", "kernel (no rank)"),
+               ("kernel_rank_all", "kernel (rank always)")]
     columns = [(name, title) for name, title in columns if name in methods]
     print("| E | k | T | " + " | ".join(title for _, title in columns) + " | kernel / SGLang | seed / kernel | byte floor |")
     print("|---" * (len(columns) + 6) + "|")

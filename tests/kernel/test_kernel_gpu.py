@@ -417,6 +417,51 @@ def test_row_kernel_runs_where_chosen(kernel, monkeypatch):
     assert "row_block" not in kernel_names(kernel, random_logits(1, 512, torch.bfloat16), 10)
 
 
+RANK_KNOB = "SGL_ECPATCH_KERNEL_RANK_MAX"
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9,
+                    reason="thread-block clusters need sm_90")
+@pytest.mark.parametrize("case", ["random", "ties", "nan_pad", "sigmoid_bias"])
+@pytest.mark.parametrize("E,k", [(8, 2), (60, 4), (128, 8), (256, 8), (512, 10)])
+@pytest.mark.parametrize("T", [2, 20, 33, 64, 100, 128, 256])
+def test_cluster_rank_form_bitwise_equal_to_bisection(kernel, monkeypatch, T, E, k, case):
+    """The one-cluster kernel's selection by ranks (v11) gives the same bits as its
+    bisection (knob 0; for E > 256 the three launches), which matches the reference."""
+    monkeypatch.setenv("SGL_ECPATCH_KERNEL_FUSED_MAX", "0")  # the cluster from T = 2
+    monkeypatch.setenv(ROW_KNOB, "0")
+    logits, kw = split_case_inputs(T, E, "ties" if case == "ties" else "random")
+    if case == "sigmoid_bias":
+        kw = {"scoring_func": "sigmoid", "correction_bias": torch.randn(E, device="cuda") * 0.01}
+    elif case == "nan_pad":
+        logits[min(3, T - 1)] = float("nan")
+        logits[T // 2, E // 2] = float("nan")
+        kw = {"num_token_non_padded": torch.tensor(max(T * 2 // 3, 1), dtype=torch.int32, device="cuda")}
+    for fill in ("drop", "topk"):
+        kw["fill"] = fill
+        monkeypatch.setenv(RANK_KNOB, "0")
+        base_w, base_ids = run_kernel(kernel, logits, k, **kw)
+        monkeypatch.setenv(RANK_KNOB, "1000000")  # the rank form wherever its pairs fit
+        label = f"rank T={T} E={E} k={k} {case} {fill}"
+        w, ids = run_kernel(kernel, logits, k, **kw)
+        ref_w, ref_ids, _ = expert_choice_reference(logits, k, **kw)
+        assert_matches(logits, k, w, ids, ref_w, ref_ids, kw, label, bound_near_ties=case != "ties")
+        assert torch.equal(ids, base_ids), f"{label}: ids differ from the bisection"
+        assert torch.equal(w.view(torch.int32), base_w.view(torch.int32)), f"{label}: weights differ"
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9,
+                    reason="thread-block clusters need sm_90")
+def test_cluster_rank_form_takes_many_experts(kernel, monkeypatch):
+    """E = 512 takes the one cluster only in rank form (knob 0: the three launches)."""
+    logits = random_logits(64, 512, torch.bfloat16)
+    monkeypatch.setenv(RANK_KNOB, "1000000")
+    assert "cluster_route" in kernel_names(kernel, logits, 10)
+    monkeypatch.setenv(RANK_KNOB, "0")
+    names = kernel_names(kernel, logits, 10)
+    assert "cluster_route" not in names and "token_route" in names
+
+
 def test_without_programmatic_dependent_launch(kernel, monkeypatch):
     monkeypatch.setenv("SGL_ECPATCH_KERNEL_PDL", "0")
     logits = random_logits(2048, 256, torch.bfloat16)

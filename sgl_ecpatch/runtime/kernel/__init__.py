@@ -47,6 +47,7 @@ FUSED_MAX_DEFAULT = 16384  # largest T * E routed in one launch (T <= 32, E <= 5
 CLUSTER_MAX_T_DEFAULT = 256  # largest T routed by the one-cluster launch (sm_90+, E <= 256; at most 256)
 SELECT_SPLIT_AUTO = -1  # blocks per expert of the large-T radix select: chosen by the kernel (sm_90+)
 ROW_MAX_T_DEFAULT = 16  # largest T routed by one block per row (T > 1: one cluster of T blocks, sm_90+, E > 64)
+RANK_MAX_DEFAULT = 512  # one-cluster kernel: rank form of its selection up to this many compares per thread
 
 _DTYPE_CODES = {"torch.float32": 0, "torch.bfloat16": 1, "torch.float16": 2}
 _load_lock = threading.Lock()
@@ -195,7 +196,9 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
     sm_90+, a thread-block cluster: unset = chosen from E, T and the SM count; 0 or 1 =
     one block per expert; 2, 4 or 8 = that many, raised where a slice would not fit),
     SGL_ECPATCH_KERNEL_ROW_MAX_T (largest T routed by one block per row: T = 1 as one
-    block, up to 16 on sm_90+ as one cluster of T blocks; 0: off).
+    block, up to 16 on sm_90+ as one cluster of T blocks; 0: off),
+    SGL_ECPATCH_KERNEL_RANK_MAX (the one-cluster path's selection by ranks up to this many
+    compares per thread, else by bisection; 0: always bisection).
     Raises ValueError for bad arguments, NotImplementedError for E > 1024 or
     top_k > 32, RuntimeError when the kernel cannot be loaded or launched.
     """
@@ -266,6 +269,7 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
     cluster_max_t = int(os.environ.get("SGL_ECPATCH_KERNEL_CLUSTER_MAX_T", str(CLUSTER_MAX_T_DEFAULT)))
     select_split = int(os.environ.get("SGL_ECPATCH_KERNEL_SELECT_SPLIT", str(SELECT_SPLIT_AUTO)))
     row_max_t = int(os.environ.get("SGL_ECPATCH_KERNEL_ROW_MAX_T", str(ROW_MAX_T_DEFAULT)))
+    rank_max = int(os.environ.get("SGL_ECPATCH_KERNEL_RANK_MAX", str(RANK_MAX_DEFAULT)))
     workspace = torch.empty(int(lib.ec_workspace_bytes(num_tokens, num_experts, fused_max)), dtype=torch.uint8,
                             device=device)
     stream = torch.cuda.current_stream(device).cuda_stream
@@ -277,7 +281,7 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
         int(scoring_func == "sigmoid"), int(fill == "topk"), int(bool(renormalize)),
         workspace.data_ptr(), weights.data_ptr(), ids.data_ptr(),
         device.index if device.index is not None else torch.cuda.current_device(), stream,
-        pdl, fused_max, cluster_max_t, select_split, row_max_t,
+        pdl, fused_max, cluster_max_t, select_split, row_max_t, rank_max,
     )
     if rc != 0:
         raise RuntimeError(f"expert-choice kernel launch failed: {lib.ec_error_string(rc).decode()}")

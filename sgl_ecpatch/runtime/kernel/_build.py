@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).resolve().parent
 SOURCES = ("expert_choice.cu",)
-ABI_VERSION = 7  # must match ec_abi_version() in expert_choice.cu
+ABI_VERSION = 8  # must match ec_abi_version() in expert_choice.cu
 BASE_CUDA_FLAGS = ("-O3", "-lineinfo", "-std=c++17")
 LIB_STEM = "sgl_ecpatch_expert_choice"
 
@@ -271,5 +271,6 @@ def open_library(path: Path):
         c.c_int,  # largest T of the one-cluster path
         c.c_int,  # blocks per expert of the large-T select (-1 automatic, 0/1 off, 2/4/8)
         c.c_int,  # largest T of the block-per-row path (0: off)
+        c.c_int,  # most compares per thread of the one-cluster path's rank form (0: off)
     ]
     return lib

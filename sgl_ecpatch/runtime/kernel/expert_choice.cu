@@ -157,6 +157,7 @@ struct Params {
   int cluster_max_t;   // largest T for the one-cluster path (0: off; sm_90+ only)
   int select_split;    // blocks per expert of the radix select: -1 automatic, 0/1 off, 2/4/8 (sm_90+)
   int row_max_t;       // largest T for the block-per-row path (0: off; above 1: sm_90+ clusters)
+  int rank_max;        // kernel C's rank form of phase 2 up to this many compares per thread (0: off)
   int num_sms;         // host only: the device's SM count (automatic select split)
   float2* stats;       // [T] (m, s) of softmax rows; null: recompute per row
   uint32_t* keys_t;    // [E, T] ordered keys, transposed; null: select gathers them
@@ -966,17 +967,120 @@ __global__ void __launch_bounds__(kTokenWarps * 32) token_route_kernel(Params p)
 
 constexpr int kClusterWarps = 16;
 constexpr int kClusterMaxT = 256;
-constexpr int kClusterKPL = 8;  // keys per lane in phase 2: T <= 256
+constexpr int kClusterKPL = 8;     // keys per lane in phase 2: T <= 256
+constexpr int kRankPairs = 8;      // rank form: (expert, token) pairs per thread, at most
 
-inline int cluster_rows(int T, int nb) { return (T + nb - 1) / nb; }
+__host__ __device__ inline int cluster_rows(int T, int nb) { return (T + nb - 1) / nb; }
 
-inline size_t cluster_smem(int T, int E, int nb) {
-  const int R = cluster_rows(T, nb);
-  return (static_cast<size_t>(E) * (R + 1) + 2 * static_cast<size_t>(E)) * 4;
+// Words of shared memory before the rank form's columns (a multiple of 4: uint4 reads).
+__host__ __device__ inline int cluster_rank_offset(int T, int E, int nb) {
+  return (E * (cluster_rows(T, nb) + 1) + 2 * E + 3) / 4 * 4;
 }
 
+// npad > 0: the rank form's columns, two copies of [ceil(E / nb)][npad] words.
+inline size_t cluster_smem(int T, int E, int nb, int npad) {
+  const int epb = (E + nb - 1) / nb;
+  return (static_cast<size_t>(cluster_rank_offset(T, E, nb)) + 2 * static_cast<size_t>(epb) * npad) * 4;
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// cnt + (kj > kt) given nkt = ~kt: the carry out of kj + ~kt (set iff kj > kt). ptxas
+// turns a pair of these into two adds with carry out and one add of both carries: 1.5
+// instructions a compare, against 3 for `cnt += kj > kt` (compare, add, select).
+__device__ __forceinline__ unsigned count_gt(unsigned cnt, unsigned kj, unsigned nkt) {
+  unsigned r;
+  asm("{\n .reg .u32 d;\n add.cc.u32 d, %1, %2;\n addc.u32 %0, %3, 0;\n}" : "=r"(r) : "r"(kj), "r"(nkt), "r"(cnt));
+  return r;
+}
+
+// Phase 2 of kernel C in rank form (v11, npad > 0; 0 < C < n): block b finds the
+// thresholds of experts b + nb j (j < epb). Its columns are gathered from every block's
+// keys (distributed shared memory, all reads issued together) into two local copies,
+// the keys and the keys + 1 (okey is at most 0xff800000: no overflow). The thread of
+// pair (expert, token t) counts the tokens that beat t in the column: a larger key, or
+// an equal key at a lower index. That count is t's rank; the token of rank C - 1 is the
+// threshold, written into every block's shared memory by its thread. Per group of 32
+// tokens (uniform per warp, as npad is a multiple of 32) the compare is one `>` against
+// the key: groups before t's own read the keys + 1 (>= for lower indices), later groups
+// the keys, t's own group adds 1 for the lanes below it. Exact integers: the same
+// thresholds as the bisection. Cost: epb * npad * n compares over the block's 512
+// threads, against ~30 dependent rounds of compares and a warp reduction (the
+// bisection's phase 2, ~9,000 cycles at T = 32-256 in session 3's clock64 trace).
+__device__ __forceinline__ void cluster_rank_thresholds(cooperative_groups::cluster_group& cluster,
+                                                        const uint32_t* skeys, int stride, int R, int E, int n,
+                                                        int C, int brank, int nb, int npad, uint32_t* scol,
+                                                        uint32_t* sthr_key, int* sthr_tok) {
+  constexpr int kThreads = kClusterWarps * 32;
+  const int total = (E - brank + nb - 1) / nb * npad;  // this block's pairs
+  uint32_t* scol1 = scol + total;
+  uint32_t kv[kRankPairs];
+#pragma unroll
+  for (int i = 0; i < kRankPairs; ++i) {  // clamped indices, every remote read issued first
+    const int q = threadIdx.x + kThreads * i;
+    const int j = q / npad, t = q - j * npad;
+    const int e = brank + nb * j;
+    const int tc = t < n ? t : n - 1, ec = e < E ? e : E - 1;
+    const int blk = tc / R;
+    const uint32_t v = q < total ? cluster.map_shared_rank(skeys, blk)[ec * stride + (tc - blk * R)] : 0u;
+    kv[i] = (q < total && e < E && t < n) ? v : 0u;
+  }
+#pragma unroll
+  for (int i = 0; i < kRankPairs; ++i) {
+    const int q = threadIdx.x + kThreads * i;
+    if (q < total) {
+      scol[q] = kv[i];
+      scol1[q] = kv[i] + 1u;
+    }
+  }
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int nch = (n + 31) >> 5;
+#pragma unroll
+  for (int i = 0; i < kRankPairs; ++i) {
+    const int q = threadIdx.x + kThreads * i;
+    if (q >= total) break;  // uniform per warp (total is a multiple of 32)
+    const int j = q / npad, t = q - j * npad;
+    const int ct = t >> 5;
+    if (ct >= nch) continue;  // a group past n: uniform per warp
+    const uint32_t kt = kv[i], nkt = ~kt;
+    const uint32_t* col = scol + j * npad;
+    const uint32_t* col1 = scol1 + j * npad;
+    unsigned c0 = 0, c1 = 0, c2 = 0, c3 = 0;  // four chains of dependent adds
+    for (int c = 0; c < nch; ++c) {
+      if (c == ct) continue;  // uniform per warp
+      const uint4* src = reinterpret_cast<const uint4*>((c < ct ? col1 : col) + 32 * c);
+#pragma unroll
+      for (int l = 0; l < 8; ++l) {
+        const uint4 w = src[l];
+        c0 = count_gt(c0, w.x, nkt);
+        c1 = count_gt(c1, w.y, nkt);
+        c2 = count_gt(c2, w.z, nkt);
+        c3 = count_gt(c3, w.w, nkt);
+      }
+    }
+    const uint4* own = reinterpret_cast<const uint4*>(col + 32 * ct);
+#pragma unroll
+    for (int l = 0; l < 8; ++l) {
+      const uint4 w = own[l];
+      c0 = count_gt(c0, w.x + (4 * l < lane), nkt);
+      c1 = count_gt(c1, w.y + (4 * l + 1 < lane), nkt);
+      c2 = count_gt(c2, w.z + (4 * l + 2 < lane), nkt);
+      c3 = count_gt(c3, w.w + (4 * l + 3 < lane), nkt);
+    }
+    const int cnt = static_cast<int>(c0 + c1 + c2 + c3);
+    if (t < n && cnt == C - 1) {
+      const int e = brank + nb * j;
+      for (int b = 0; b < nb; ++b) {
+        cluster.map_shared_rank(sthr_key, b)[e] = kt;
+        cluster.map_shared_rank(sthr_tok, b)[e] = t;
+      }
+    }
+  }
+}
+#endif
+
 template <int DT, int VPL, int EPW>
-__global__ void __launch_bounds__(kClusterWarps * 32, 1) cluster_route_kernel(Params p, int R, int nb) {
+__global__ void __launch_bounds__(kClusterWarps * 32, 1) cluster_route_kernel(Params p, int R, int nb, int npad) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   constexpr int KPL = kClusterKPL;
@@ -1010,7 +1114,17 @@ __global__ void __launch_bounds__(kClusterWarps * 32, 1) cluster_route_kernel(Pa
   cluster.sync();
   // phase 2: per expert, the C-th largest (key, -token) of its column
   const int e0 = rank * kClusterWarps + warp, estep = nb * kClusterWarps;
-  if (e0 < E) {
+  if (npad > 0) {  // rank form (v11); each block writes its own copy where C is trivial
+    if (C == 0 || C >= n) {
+      for (int e = threadIdx.x; e < E; e += kClusterWarps * 32) {
+        sthr_key[e] = C == 0 ? 0xffffffffu : 0u;
+        sthr_tok[e] = C == 0 ? -1 : n;
+      }
+    } else {
+      cluster_rank_thresholds(cluster, skeys, stride, R, E, n, C, rank, nb, npad,
+                              csm + cluster_rank_offset(p.T, E, nb), sthr_key, sthr_tok);
+    }
+  } else if (e0 < E) {
     uint32_t v[EPW];
     int tstar[EPW];
     if (C == 0 || C >= n) {
@@ -1435,13 +1549,24 @@ cudaError_t allow_smem(void (*kernel)(KArgs...), size_t smem) {
 // shared memory can run at all is asked once per kernel, cluster size and shared-memory
 // size (cached per process; the answer is the same for every card of one model).
 // Returns false, with nothing launched, where it cannot.
+// Kernel C's phase 2 in rank form where its compares per thread (the block's pairs
+// times T, over 512 threads) stay within p.rank_max and the pairs within kRankPairs per
+// thread: npad (T rounded up to 32), else 0 (the bisection).
+inline int cluster_rank_npad(const Params& p, int nb) {
+  const long long npad = (p.T + 31) / 32 * 32;
+  const long long pairs = (p.E + nb - 1) / nb * npad;
+  const bool ok = pairs <= kRankPairs * kClusterWarps * 32 && pairs * p.T <= static_cast<long long>(p.rank_max) * kClusterWarps * 32;
+  return ok ? static_cast<int>(npad) : 0;
+}
+
 template <int DT, int VPL, int EPW, int NB>
-bool launch_cluster_nb(const Params& p, cudaStream_t stream, cudaError_t& err) {
-  void (*kernel)(Params, int, int) = cluster_route_kernel<DT, VPL, EPW>;
+bool launch_cluster_nb(const Params& p, cudaStream_t stream, cudaError_t& err, bool rank_only) {
+  void (*kernel)(Params, int, int, int) = cluster_route_kernel<DT, VPL, EPW>;
   static size_t ok_upto = 0, bad_from = ~static_cast<size_t>(0);
   const int R = cluster_rows(p.T, NB);
-  const size_t smem = cluster_smem(p.T, p.E, NB);
-  if (R > kClusterWarps || p.E > EPW * NB * kClusterWarps) return false;  // one row per warp
+  const int npad = cluster_rank_npad(p, NB);
+  const size_t smem = cluster_smem(p.T, p.E, NB, npad);
+  if (R > kClusterWarps || p.E > EPW * NB * kClusterWarps || (rank_only && npad == 0)) return false;
   if (smem >= bad_from || smem + sizeof(WarpScratch) * kClusterWarps > 227 * 1024) return false;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
           cudaSuccess ||
@@ -1471,13 +1596,16 @@ bool launch_cluster_nb(const Params& p, cudaStream_t stream, cudaError_t& err) {
     ok_upto = smem;
   }
   cfg.stream = stream;
-  err = cudaLaunchKernelEx(&cfg, kernel, p, R, NB);
+  err = cudaLaunchKernelEx(&cfg, kernel, p, R, NB, npad);
   return true;
 }
 
+// rank_only: only where phase 2 takes the rank form (E > 256: the bisection with two
+// experts per warp measured slower than three launches, run 9)
 template <int DT, int VPL, int EPW>
-bool launch_cluster(const Params& p, cudaStream_t stream, cudaError_t& err) {
-  return launch_cluster_nb<DT, VPL, EPW, 16>(p, stream, err) || launch_cluster_nb<DT, VPL, EPW, 8>(p, stream, err);
+bool launch_cluster(const Params& p, cudaStream_t stream, cudaError_t& err, bool rank_only = false) {
+  return launch_cluster_nb<DT, VPL, EPW, 16>(p, stream, err, rank_only) ||
+         launch_cluster_nb<DT, VPL, EPW, 8>(p, stream, err, rank_only);
 }
 
 // Blocks per expert of the radix select (kernel 2c), 1 for kernel 2b. Automatic: only
@@ -1556,28 +1684,25 @@ cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
   const int token_grid = (p.T + kTokenWarps - 1) / kTokenWarps;
   if constexpr (VPL <= 16) {  // E <= 512: the row's registers fit 512 threads
     const bool fused_ok = use_fused(p.T, p.E, p.fused_max);
-    if constexpr (VPL <= 8) {
-      // the one cluster before the one block from T = 17 with E > 128 (H200, session 3:
-      // T = 32 E = 256 12.7 µs against 13.5; with E <= 128 the one block is faster since
-      // v10e: T = 32 8.7 / 9.3 / 10.4 µs against 10.7 / 10.6 / 11.1 for E = 60 / 64 / 128)
-      if (fused_ok && p.T > 16 && p.E > 128 && p.T <= p.cluster_max_t && p.T <= kClusterMaxT) {
-        err = cudaSuccess;
-        if (launch_cluster<DT, VPL, 1>(p, stream, err)) return err;
-      }
-    }
+    const bool cluster_ok = p.T <= p.cluster_max_t && p.T <= kClusterMaxT;
+    // E <= 256: one expert per warp in the bisection; E > 256 (two per warp) measured
+    // slower at T = 256 (24.9 vs 22.0 µs) than three launches (run 9, H200): there
+    // only where phase 2 takes the rank form
+    auto try_cluster = [&]() -> bool {
+      err = cudaSuccess;
+      if constexpr (VPL <= 8) return launch_cluster<DT, VPL, 1>(p, stream, err);
+      else return launch_cluster<DT, VPL, 2>(p, stream, err, true);
+    };
+    // the one cluster before the one block from T = 17 with E > 128 (H200, session 3:
+    // T = 32 E = 256 12.7 µs against 13.5; with E <= 128 the one block is faster since
+    // v10e: T = 32 8.7 / 9.3 / 10.4 µs against 10.7 / 10.6 / 11.1 for E = 60 / 64 / 128)
+    if (fused_ok && cluster_ok && p.T > 16 && p.E > 128 && try_cluster()) return err;
     if (fused_ok) {
       const size_t smem = 2 * static_cast<size_t>(p.T) * p.E * sizeof(uint32_t);  // keys + scores
       if ((err = allow_smem(fused_small_kernel<DT, VPL>, smem)) != cudaSuccess) return err;
       return launch(fused_small_kernel<DT, VPL>, 1, kFusedThreads, smem, stream, false, p);
     }
-    // E > 256 (two experts per warp, EPW = 2) measured slower at T = 256 (24.9 vs 22.0 µs)
-    // and 0.8 µs faster at T = 64 (21.1 vs 21.9): left to the three launches (run 9, H200)
-    if constexpr (VPL <= 8) {
-      if (p.T <= p.cluster_max_t && p.T <= kClusterMaxT) {
-        err = cudaSuccess;
-        if (launch_cluster<DT, VPL, 1>(p, stream, err)) return err;
-      }
-    }
+    if (cluster_ok && try_cluster()) return err;
   }
   if (p.sigmoid) p.stats = nullptr;
   if (!use_transpose(p.T, p.E, p.fused_max)) p.keys_t = nullptr;  // the select kernel gathers its column
@@ -1665,7 +1790,7 @@ cudaError_t launch_all(const Params& p, cudaStream_t stream, bool pdl) {
 extern "C" {
 
 // Version of this C interface; the Python side checks it after loading.
-int ec_abi_version() { return 7; }
+int ec_abi_version() { return 8; }
 
 // Bytes of device workspace for T tokens and E experts: row statistics [T], the
 // thresholds [E] twice, and outside the one-launch path (up to 2^24 elements) the
@@ -1693,13 +1818,14 @@ const char* ec_error_string(int code) {
 // `select_split` the blocks per expert of the large-T radix select (sm_90+: -1 chooses,
 // 0 or 1 is one block, 2/4/8 a cluster of that many); `row_max_t` the largest T routed
 // by one block per row (T = 1: one block; up to 16 on sm_90+ with E > 64: one cluster
-// of T blocks; 0 turns it off). Returns 0 or an error code (see
-// ec_error_string).
+// of T blocks; 0 turns it off); `rank_max` the most compares per thread of the
+// one-cluster kernel's rank form (0 turns it off: the bisection). Returns 0 or an error
+// code (see ec_error_string).
 int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bias, int bias_dtype,
              const void* n_ptr, int n_is_64, long long n_host, long long cf_num, long long cf_den,
              int sigmoid, int fill_topk, int renorm, void* workspace, float* out_w, int* out_id,
              int device, void* stream, int pdl_enabled, int fused_max, int cluster_max_t,
-             int select_split, int row_max_t) {
+             int select_split, int row_max_t, int rank_max) {
   if (E < 1 || E > ec::kMaxExperts || k < 1 || k > E || k > ec::kMaxTopK) return -1;
   if (T <= 0) return 0;
   int prev = -1;
@@ -1725,6 +1851,7 @@ int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bia
   p.cluster_max_t = cluster_max_t;
   p.select_split = select_split;
   p.row_max_t = row_max_t;
+  p.rank_max = rank_max;
   p.num_sms = 0;
   char* ws = static_cast<char*>(workspace);
   const long long off_thr = static_cast<long long>(T) * 8;
