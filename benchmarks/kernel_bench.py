@@ -233,7 +233,7 @@ def main() -> int:
     ap.add_argument("--skip-build-timing", action="store_true")
     ap.add_argument("--profile", action="store_true", help="also print per-kernel device times (torch.profiler)")
     ap.add_argument("--only", nargs="*", metavar="METHOD",
-                    help="time only these methods (sglang seed torch kernel kernel_no_pdl kernel_no_cluster "
+                    help="time only these methods (launch_floor sglang seed torch kernel kernel_no_pdl kernel_no_cluster "
                          "kernel_no_fused kernel_no_split kernel_no_row kernel_no_rank; kernel_rank_all only "
                          "when named); default all")
     args = ap.parse_args()
@@ -262,6 +262,8 @@ def main() -> int:
     print(f"{card}: copy bandwidth {bw / 1e9:.0f} GB/s (read + write)", flush=True)
 
     methods = {}
+    tiny = torch.zeros(1, device="cuda")
+    methods["launch_floor"] = lambda x, k: tiny.fill_(1.0)  # one 1-element kernel: the launch floor
     try:
         router = load_sglang_router(Path(args.sglang_dir))
         methods["sglang"] = lambda x, k: router(x, None, k, scoring_func="softmax", renormalize=True)
@@ -343,7 +345,8 @@ def main() -> int:
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s; cold build {_secs(result.get('cold_build_s'))}; "
           f"cached load {_secs(result.get('cached_load_s'))}")
     print()
-    columns = [("sglang", "SGLang router"), ("seed", "seed dense"), ("torch", "fast torch"), ("kernel", "kernel"),
+    columns = [("launch_floor", "one tiny kernel"), ("sglang", "SGLang router"), ("seed", "seed dense"),
+               ("torch", "fast torch"), ("kernel", "kernel"),
                ("kernel_no_pdl", "kernel (no PDL)"), ("kernel_no_cluster", "kernel (no cluster)"),
                ("kernel_no_fused", "kernel (no fused)"), ("kernel_no_split", "kernel (no split)"),
                ("kernel_no_row", "kernel (no row)"), ("kernel_no_rank", "kernel (no rank)"),

@@ -47,7 +47,7 @@ FUSED_MAX_DEFAULT = 16384  # largest T * E routed in one launch (T <= 32, E <= 5
 CLUSTER_MAX_T_DEFAULT = 256  # largest T routed by the one-cluster launch (sm_90+, E <= 256; at most 256)
 SELECT_SPLIT_AUTO = -1  # blocks per expert of the large-T radix select: chosen by the kernel (sm_90+)
 ROW_MAX_T_DEFAULT = 16  # largest T routed by one block per row (T > 1: one cluster of T blocks, sm_90+, E > 64)
-RANK_MAX_DEFAULT = 512  # one-cluster kernel: rank form of its selection up to this many compares per thread
+RANK_MAX_DEFAULT = 300  # one-cluster kernel: rank form of its selection up to this many compares per thread
 
 _DTYPE_CODES = {"torch.float32": 0, "torch.bfloat16": 1, "torch.float16": 2}
 _load_lock = threading.Lock()

@@ -180,12 +180,21 @@ __device__ __forceinline__ int read_n(const Params& p) {
 
 // C = 0 if n == 0 else min(n, ceil(n k num / (E den))); the host caps num/den at E
 // so the product fits in 64 bits.
+// A 64-bit division is a called subroutine of ~100 dependent instructions; where both
+// operands fit 32 bits (T <= 65536 with k * cf_num <= 65536, E * cf_den < 2^32) the
+// inline 32-bit division does it.
 __device__ __forceinline__ int capacity(const Params& p, int n) {
   if (n == 0) return 0;
-  long long a = static_cast<long long>(n) * p.k * p.cf_num;
-  long long b = static_cast<long long>(p.E) * p.cf_den;
-  long long c = (a + b - 1) / b;
-  return c < n ? static_cast<int>(c) : n;
+  const unsigned long long a = static_cast<unsigned long long>(n) * p.k * p.cf_num;
+  const unsigned long long b = static_cast<unsigned long long>(p.E) * p.cf_den;
+  unsigned long long c;
+  if ((a | b) >> 32 == 0) {
+    const uint32_t a32 = static_cast<uint32_t>(a), b32 = static_cast<uint32_t>(b);
+    c = a32 / b32 + (a32 % b32 != 0u);
+  } else {
+    c = (a + b - 1) / b;
+  }
+  return c < static_cast<unsigned long long>(n) ? static_cast<int>(c) : n;
 }
 
 __device__ __forceinline__ float bias_at(const Params& p, int e) {
@@ -972,18 +981,61 @@ constexpr int kRankPairs = 8;      // rank form: (expert, token) pairs per threa
 
 __host__ __device__ inline int cluster_rows(int T, int nb) { return (T + nb - 1) / nb; }
 
-// Words of shared memory before the rank form's columns (a multiple of 4: uint4 reads).
-__host__ __device__ inline int cluster_rank_offset(int T, int E, int nb) {
-  return (E * (cluster_rows(T, nb) + 1) + 2 * E + 3) / 4 * 4;
-}
+// Words of shared memory before the keys: the thresholds, E pairs (thr_key, thr_tok),
+// rounded up to 4 words (uint4 reads of the keys).
+__host__ __device__ inline int cluster_keys_offset(int E) { return (2 * E + 3) / 4 * 4; }
 
-// npad > 0: the rank form's columns, two copies of [ceil(E / nb)][npad] words.
+// Bisection (npad = 0): the keys of the block's rows, [E][R + 1]. Rank form (npad > 0):
+// the columns of the block's experts, [ceil(E / nb)][npad].
 inline size_t cluster_smem(int T, int E, int nb, int npad) {
-  const int epb = (E + nb - 1) / nb;
-  return (static_cast<size_t>(cluster_rank_offset(T, E, nb)) + 2 * static_cast<size_t>(epb) * npad) * 4;
+  const size_t keys = npad > 0 ? static_cast<size_t>((E + nb - 1) / nb) * npad
+                               : static_cast<size_t>(E) * (cluster_rows(T, nb) + 1);
+  return (cluster_keys_offset(E) + keys) * 4;
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// Distributed shared memory without cluster barriers (v11c): an mbarrier in each block
+// counts the bytes that other blocks' st.async stores deliver into its shared memory, so
+// a block waits for exactly its own data. cluster.sync() compiles to MEMBAR.ALL.GPU plus
+// the barrier (sm_90 SASS), ~800-2,700 cycles each in session 4's clock64 trace.
+__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+__device__ __forceinline__ uint32_t remote_u32(uint32_t local, int block) {  // same offset in `block`
+  uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(local), "r"(block));
+  return r;
+}
+__device__ __forceinline__ void mbar_init(uint32_t bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_expect(uint32_t bar, uint32_t bytes) {  // the one arrival
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+// Waits for phase 0 of `bar`. A wait that never ends would hang the server: after ~2^24
+// polls (seconds) it traps instead, which fails the launch loudly.
+__device__ __forceinline__ void mbar_wait0(uint32_t bar) {
+  uint32_t done = 0;
+  for (int i = 0; i < (1 << 24) && !done; ++i) {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\n selp.u32 %0, 1, 0, p;\n}"
+        : "=r"(done)
+        : "r"(bar)
+        : "memory");
+  }
+  if (!done) __trap();
+}
+__device__ __forceinline__ void st_async_u32(uint32_t raddr, uint32_t v, uint32_t rbar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.u32 [%0], %1, [%2];" ::"r"(raddr), "r"(v),
+               "r"(rbar)
+               : "memory");
+}
+__device__ __forceinline__ void st_async_v2(uint32_t raddr, uint32_t a, uint32_t b, uint32_t rbar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.u32 [%0], {%1, %2}, [%3];" ::"r"(raddr),
+               "r"(a), "r"(b), "r"(rbar)
+               : "memory");
+}
+
 // cnt + (kj > kt) given nkt = ~kt: the carry out of kj + ~kt (set iff kj > kt). ptxas
 // turns a pair of these into two adds with carry out and one add of both carries: 1.5
 // instructions a compare, against 3 for `cnt += kj > kt` (compare, add, select).
@@ -994,45 +1046,23 @@ __device__ __forceinline__ unsigned count_gt(unsigned cnt, unsigned kj, unsigned
 }
 
 // Phase 2 of kernel C in rank form (v11, npad > 0; 0 < C < n): block b finds the
-// thresholds of experts b + nb j (j < epb). Its columns are gathered from every block's
-// keys (distributed shared memory, all reads issued together) into two local copies,
-// the keys and the keys + 1 (okey is at most 0xff800000: no overflow). The thread of
-// pair (expert, token t) counts the tokens that beat t in the column: a larger key, or
-// an equal key at a lower index. That count is t's rank; the token of rank C - 1 is the
-// threshold, written into every block's shared memory by its thread. Per group of 32
-// tokens (uniform per warp, as npad is a multiple of 32) the compare is one `>` against
-// the key: groups before t's own read the keys + 1 (>= for lower indices), later groups
-// the keys, t's own group adds 1 for the lanes below it. Exact integers: the same
-// thresholds as the bisection. Cost: epb * npad * n compares over the block's 512
-// threads, against ~30 dependent rounds of compares and a warp reduction (the
-// bisection's phase 2, ~9,000 cycles at T = 32-256 in session 3's clock64 trace).
-__device__ __forceinline__ void cluster_rank_thresholds(cooperative_groups::cluster_group& cluster,
-                                                        const uint32_t* skeys, int stride, int R, int E, int n,
-                                                        int C, int brank, int nb, int npad, uint32_t* scol,
-                                                        uint32_t* sthr_key, int* sthr_tok) {
+// thresholds of experts b + nb j (j < epb). Phase 1 stored their columns into its shared
+// memory (scol, [epb][npad], zero from n on). The thread of pair (expert, token t)
+// counts the tokens that beat t in the column: a larger key, or an equal key at a lower
+// index. That count is t's rank; the token of rank C - 1 is the threshold, written into
+// every block's shared memory (one 8-byte st.async per block, by nb lanes of its warp,
+// counted by that block's mbarrier `bar`).
+// Per group of 32 tokens (uniform per warp, as npad is a multiple of 32) the compare is
+// one carry: groups before t's own count keys >= kt (kj + ~(kt - 1) carries; for kt = 0,
+// a NaN key, every earlier token beats t: 32 per group), later groups keys > kt, and
+// t's own group kj + 1 > kt for the lanes below (okey is at most 0xff800000: no
+// overflow). Exact integers: the same thresholds as the bisection. Cost: epb * npad * n
+// compares over the block's 512 threads, against ~30 dependent rounds of compares and a
+// warp reduction for the bisection (~9,000-10,000 cycles, clock64 trace, session 4).
+__device__ __forceinline__ void cluster_rank_thresholds(const uint32_t* scol, int E, int n, int C, int brank,
+                                                        int nb, int npad, uint32_t sthr, uint32_t bar) {
   constexpr int kThreads = kClusterWarps * 32;
   const int total = (E - brank + nb - 1) / nb * npad;  // this block's pairs
-  uint32_t* scol1 = scol + total;
-  uint32_t kv[kRankPairs];
-#pragma unroll
-  for (int i = 0; i < kRankPairs; ++i) {  // clamped indices, every remote read issued first
-    const int q = threadIdx.x + kThreads * i;
-    const int j = q / npad, t = q - j * npad;
-    const int e = brank + nb * j;
-    const int tc = t < n ? t : n - 1, ec = e < E ? e : E - 1;
-    const int blk = tc / R;
-    const uint32_t v = q < total ? cluster.map_shared_rank(skeys, blk)[ec * stride + (tc - blk * R)] : 0u;
-    kv[i] = (q < total && e < E && t < n) ? v : 0u;
-  }
-#pragma unroll
-  for (int i = 0; i < kRankPairs; ++i) {
-    const int q = threadIdx.x + kThreads * i;
-    if (q < total) {
-      scol[q] = kv[i];
-      scol1[q] = kv[i] + 1u;
-    }
-  }
-  __syncthreads();
   const int lane = threadIdx.x & 31;
   const int nch = (n + 31) >> 5;
 #pragma unroll
@@ -1042,37 +1072,39 @@ __device__ __forceinline__ void cluster_rank_thresholds(cooperative_groups::clus
     const int j = q / npad, t = q - j * npad;
     const int ct = t >> 5;
     if (ct >= nch) continue;  // a group past n: uniform per warp
-    const uint32_t kt = kv[i], nkt = ~kt;
     const uint32_t* col = scol + j * npad;
-    const uint32_t* col1 = scol1 + j * npad;
-    unsigned c0 = 0, c1 = 0, c2 = 0, c3 = 0;  // four chains of dependent adds
+    const uint32_t kt = col[t], ngt = ~kt, nge = ~(kt - 1u);
+    unsigned c0 = kt == 0u ? 32u * ct : 0u, c1 = 0, c2 = 0, c3 = 0;  // four chains of dependent adds
     for (int c = 0; c < nch; ++c) {
       if (c == ct) continue;  // uniform per warp
-      const uint4* src = reinterpret_cast<const uint4*>((c < ct ? col1 : col) + 32 * c);
+      const uint4* src = reinterpret_cast<const uint4*>(col + 32 * c);
+      const uint32_t nk = c < ct ? nge : ngt;
 #pragma unroll
       for (int l = 0; l < 8; ++l) {
         const uint4 w = src[l];
-        c0 = count_gt(c0, w.x, nkt);
-        c1 = count_gt(c1, w.y, nkt);
-        c2 = count_gt(c2, w.z, nkt);
-        c3 = count_gt(c3, w.w, nkt);
+        c0 = count_gt(c0, w.x, nk);
+        c1 = count_gt(c1, w.y, nk);
+        c2 = count_gt(c2, w.z, nk);
+        c3 = count_gt(c3, w.w, nk);
       }
     }
     const uint4* own = reinterpret_cast<const uint4*>(col + 32 * ct);
 #pragma unroll
     for (int l = 0; l < 8; ++l) {
       const uint4 w = own[l];
-      c0 = count_gt(c0, w.x + (4 * l < lane), nkt);
-      c1 = count_gt(c1, w.y + (4 * l + 1 < lane), nkt);
-      c2 = count_gt(c2, w.z + (4 * l + 2 < lane), nkt);
-      c3 = count_gt(c3, w.w + (4 * l + 3 < lane), nkt);
+      c0 = count_gt(c0, w.x + (4 * l < lane), ngt);
+      c1 = count_gt(c1, w.y + (4 * l + 1 < lane), ngt);
+      c2 = count_gt(c2, w.z + (4 * l + 2 < lane), ngt);
+      c3 = count_gt(c3, w.w + (4 * l + 3 < lane), ngt);
     }
     const int cnt = static_cast<int>(c0 + c1 + c2 + c3);
-    if (t < n && cnt == C - 1) {
-      const int e = brank + nb * j;
-      for (int b = 0; b < nb; ++b) {
-        cluster.map_shared_rank(sthr_key, b)[e] = kt;
-        cluster.map_shared_rank(sthr_tok, b)[e] = t;
+    const unsigned win = __ballot_sync(kFull, t < n && cnt == C - 1);  // at most one lane
+    if (win) {  // uniform per warp
+      const int src_lane = __ffs(win) - 1;
+      const uint32_t key = __shfl_sync(kFull, kt, src_lane);
+      if (lane < nb) {
+        const uint32_t off = sthr + 8u * static_cast<uint32_t>(brank + nb * j);
+        st_async_v2(remote_u32(off, lane), key, static_cast<uint32_t>((t & ~31) + src_lane), remote_u32(bar, lane));
       }
     }
   }
@@ -1090,41 +1122,84 @@ __global__ void __launch_bounds__(kClusterWarps * 32, 1) cluster_route_kernel(Pa
   const int rank = static_cast<int>(cluster.block_rank());
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int E = p.E, stride = R + 1;
-  uint32_t* skeys = csm;                                 // [E][R + 1]
-  uint32_t* sthr_key = csm + E * stride;                 // [E]
-  int* sthr_tok = reinterpret_cast<int*>(sthr_key + E);  // [E]
+  uint2* sthr = reinterpret_cast<uint2*>(csm);  // [E] (thr_key, thr_tok)
+  uint32_t* skeys = csm + cluster_keys_offset(E);  // bisection: [E][R + 1]; rank form: [epb][npad]
+  const int t = rank * R + warp;  // this warp's row
+  const bool row_in = warp < R && t < p.T;
+  // phase 1: the row's scores (registers) and keys. The row's loads go out first, from a
+  // clamped row and without a branch, so that n and C (a 64-bit division) overlap them.
+  float x[VPL];
+  load_row<DT, VPL>(p.logits, row_in ? t : 0, E, lane, x);
   const int n = read_n(p);
   const int C = capacity(p, n);
-  const int t = rank * R + warp;  // this warp's row
-  const bool row_valid = warp < R && t < n;
-  // phase 1: the row's scores (registers) and keys (shared memory)
-  float x[VPL];
+  const bool row_valid = row_in && t < n;
+  const bool select = C > 0 && C < n;
+  __shared__ uint64_t mbar[2];  // rank form: keys received, thresholds received
+  const uint32_t bar_keys = smem_u32(&mbar[0]), bar_thr = smem_u32(&mbar[1]);
+  if (npad > 0) {
+    if (threadIdx.x == 0) {
+      mbar_init(bar_keys);
+      mbar_init(bar_thr);
+      asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    if (select) {  // the groups' tails past n stay zero: no block stores there
+      const int total = (E - rank + nb - 1) / nb * npad;
+      for (int q = threadIdx.x; q < total; q += kClusterWarps * 32)
+        if (q % npad >= n) skeys[q] = 0u;
+    }
+    // other blocks store into this one: it must have started, its barriers initialised
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+  }
+  uint32_t key[VPL];
   if (row_valid) {
     float m, s;
-    load_row<DT, VPL>(p.logits, t, E, lane, x);
     scores_in_place<VPL>(x, E, lane, p.sigmoid, m, s);
-    if (C > 0 && C < n) {
+    float b[VPL];
+    bias_row<VPL>(p, lane, b);  // 0 past E
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) key[i] = okey(x[i] + b[i]);
+  }
+  const int e0 = rank * kClusterWarps + warp, estep = nb * kClusterWarps;
+  if (npad > 0) {  // rank form (v11)
+    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+    if (!select) {  // trivial capacities: each block writes its own copy
+      for (int e = threadIdx.x; e < E; e += kClusterWarps * 32)
+        sthr[e] = C == 0 ? make_uint2(0xffffffffu, 0xffffffffu) : make_uint2(0u, static_cast<uint32_t>(n));
+      __syncthreads();
+    } else {
+      // each key to the block that owns its expert (e mod nb), column e / nb, row t
+      if (threadIdx.x == 0) mbar_expect(bar_keys, static_cast<uint32_t>((E - rank + nb - 1) / nb * n * 4));
+      if (row_valid) {
+        const int shift = __ffs(nb) - 1;  // nb is 8 or 16
+        const uint32_t base = smem_u32(skeys);
+#pragma unroll
+        for (int i = 0; i < VPL; ++i) {
+          const int e = lane + 32 * i;
+          const int blk = e & (nb - 1);
+          if (e < E)
+            st_async_u32(remote_u32(base + 4u * static_cast<uint32_t>((e >> shift) * npad + t), blk), key[i],
+                         remote_u32(bar_keys, blk));
+        }
+      }
+      if (threadIdx.x == 0) mbar_expect(bar_thr, static_cast<uint32_t>(E * 8));
+      mbar_wait0(bar_keys);
+      __syncthreads();  // the zeroed tails, written by other threads of this block
+      // phase 2: per expert, the C-th largest (key, -token) of its column
+      cluster_rank_thresholds(skeys, E, n, C, rank, nb, npad, smem_u32(sthr), bar_thr);
+      mbar_wait0(bar_thr);
+    }
+  } else {
+    if (row_valid && select) {
 #pragma unroll
       for (int i = 0; i < VPL; ++i) {
         const int e = lane + 32 * i;
-        if (e < E) skeys[e * stride + warp] = okey(x[i] + bias_at(p, e));
+        if (e < E) skeys[e * stride + warp] = key[i];
       }
     }
+    cluster.sync();
   }
-  cluster.sync();
-  // phase 2: per expert, the C-th largest (key, -token) of its column
-  const int e0 = rank * kClusterWarps + warp, estep = nb * kClusterWarps;
-  if (npad > 0) {  // rank form (v11); each block writes its own copy where C is trivial
-    if (C == 0 || C >= n) {
-      for (int e = threadIdx.x; e < E; e += kClusterWarps * 32) {
-        sthr_key[e] = C == 0 ? 0xffffffffu : 0u;
-        sthr_tok[e] = C == 0 ? -1 : n;
-      }
-    } else {
-      cluster_rank_thresholds(cluster, skeys, stride, R, E, n, C, rank, nb, npad,
-                              csm + cluster_rank_offset(p.T, E, nb), sthr_key, sthr_tok);
-    }
-  } else if (e0 < E) {
+  // phase 2 (bisection): per expert, the C-th largest (key, -token) of its column
+  if (npad == 0 && e0 < E) {
     uint32_t v[EPW];
     int tstar[EPW];
     if (C == 0 || C >= n) {
@@ -1194,28 +1269,25 @@ __global__ void __launch_bounds__(kClusterWarps * 32, 1) cluster_route_kernel(Pa
       }
     }
     if (lane < nb) {  // lane b writes block b's copy
-      uint32_t* dk = cluster.map_shared_rank(sthr_key, lane);
-      int* dt = cluster.map_shared_rank(sthr_tok, lane);
+      uint2* dst = cluster.map_shared_rank(sthr, lane);
 #pragma unroll
       for (int j = 0; j < EPW; ++j) {
         const int e = e0 + j * estep;
         if (e < E) {
-          dk[e] = v[j];
-          dt[e] = tstar[j];
+          dst[e] = make_uint2(v[j], static_cast<uint32_t>(tstar[j]));
         }
       }
     }
   }
-  cluster.sync();
+  if (npad == 0) cluster.sync();
   // phase 3: the slots of this warp's row
   if (warp < R && t < p.T) {
     if (t >= n) {
       write_padding_row(p, t, lane);
     } else {
       route_token<VPL, 32>(p, t, lane, x, scratch[warp], [&](int e, uint32_t key) {
-        const uint32_t tk = sthr_key[e];
-        const int tt = sthr_tok[e];
-        return (key > tk) | ((key == tk) & (t <= tt));  // both read, no branch
+        const uint2 th = sthr[e];  // both words in one read, no branch
+        return (key > th.x) | ((key == th.x) & (t <= static_cast<int>(th.y)));
       });
     }
   }
@@ -1688,21 +1760,23 @@ cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
     // E <= 256: one expert per warp in the bisection; E > 256 (two per warp) measured
     // slower at T = 256 (24.9 vs 22.0 µs) than three launches (run 9, H200): there
     // only where phase 2 takes the rank form
-    auto try_cluster = [&]() -> bool {
+    auto try_cluster = [&](bool rank_only) -> bool {
       err = cudaSuccess;
-      if constexpr (VPL <= 8) return launch_cluster<DT, VPL, 1>(p, stream, err);
+      if constexpr (VPL <= 8) return launch_cluster<DT, VPL, 1>(p, stream, err, rank_only);
       else return launch_cluster<DT, VPL, 2>(p, stream, err, true);
     };
-    // the one cluster before the one block from T = 17 with E > 128 (H200, session 3:
-    // T = 32 E = 256 12.7 µs against 13.5; with E <= 128 the one block is faster since
-    // v10e: T = 32 8.7 / 9.3 / 10.4 µs against 10.7 / 10.6 / 11.1 for E = 60 / 64 / 128)
-    if (fused_ok && cluster_ok && p.T > 16 && p.E > 128 && try_cluster()) return err;
+    // the one cluster before the one block from T = 17: with E > 128 (H200, session 3:
+    // T = 32 E = 256 12.7 µs against 13.5), and for any E in rank form (session 4: T = 24
+    // E = 8 / 60 / 128 8.0 / 8.3 / 9.1 µs against 10.0 / 8.5 / 10.0); with E <= 128 the
+    // bisection lost to the one block (v10e: T = 32 10.7 / 10.6 / 11.1 µs against
+    // 8.7 / 9.3 / 10.4 for E = 60 / 64 / 128)
+    if (fused_ok && cluster_ok && p.T > 16 && try_cluster(p.E <= 128)) return err;
     if (fused_ok) {
       const size_t smem = 2 * static_cast<size_t>(p.T) * p.E * sizeof(uint32_t);  // keys + scores
       if ((err = allow_smem(fused_small_kernel<DT, VPL>, smem)) != cudaSuccess) return err;
       return launch(fused_small_kernel<DT, VPL>, 1, kFusedThreads, smem, stream, false, p);
     }
-    if (cluster_ok && try_cluster()) return err;
+    if (cluster_ok && try_cluster(false)) return err;
   }
   if (p.sigmoid) p.stats = nullptr;
   if (!use_transpose(p.T, p.E, p.fused_max)) p.keys_t = nullptr;  // the select kernel gathers its column
