@@ -1426,7 +1426,8 @@ __global__ void __launch_bounds__(kMaxExperts) row_block_kernel(Params p) {
   __shared__ float sred[32];
   __shared__ float sex[kMaxExperts];
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  __shared__ uint32_t skey[kMaxExperts];  // this row's keys, read by the cluster's other blocks
+  extern __shared__ uint32_t rkeys[];  // T > 1: the cluster's rows' keys, [T][blockDim.x] (v11d)
+  __shared__ uint64_t rbar;            // counts the bytes of the other rows' keys
 #endif
   __shared__ __align__(16) unsigned long long srank[kMaxExperts];
   __shared__ __align__(16) unsigned long long cand_v[kMaxExperts + 2];  // warp w's r-th best at w k + r; 0: none
@@ -1437,14 +1438,25 @@ __global__ void __launch_bounds__(kMaxExperts) row_block_kernel(Params p) {
   const int e = threadIdx.x, lane = e & 31, warp = e >> 5, nw = blockDim.x >> 5;
   const int E = p.E, k = p.k;
   const int t = blockIdx.x;  // this block's row
+  const bool in = e < E;
+  // the row's load goes out before n and C are computed (t < T: always a row)
+  const float x = in ? load_val<DT>(p.logits, static_cast<long long>(t) * E + e) : 0.0f;
   const int n = read_n(p);
   const int C = capacity(p, n);
   const bool valid = t < n;  // uniform per block
-  const bool in = e < E;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const bool select = gridDim.x > 1 && C > 0 && C < n;  // uniform over the cluster
+  if (select) {  // other blocks store into this one: it must have started, rbar initialised
+    if (e == 0) {
+      mbar_init(smem_u32(&rbar));
+      asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+  }
+#endif
   float score = 0.0f;
   uint32_t key = 0u;
   if (valid) {
-    const float x = in ? load_val<DT>(p.logits, static_cast<long long>(t) * E + e) : 0.0f;
     if (p.sigmoid) {
       score = in ? sigmoid_score(x) : 0.0f;
     } else {
@@ -1478,24 +1490,31 @@ __global__ void __launch_bounds__(kMaxExperts) row_block_kernel(Params p) {
   }
   bool chosen = valid && in && C > 0;  // C >= n: every valid token is chosen
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  namespace cg = cooperative_groups;
-  const bool select = gridDim.x > 1 && C > 0 && C < n;  // uniform over the cluster
   if (select) {
-    cg::cluster_group cluster = cg::this_cluster();
-    skey[e] = key;
-    cluster.sync();
-    if (valid && in) {
-      int beat = 0;
+    // v11d: every valid row's keys go to every other valid row's block (st.async, counted
+    // by its mbarrier); each block then counts locally. v10 read them remotely after a
+    // cluster.sync(), each read in its own branch: T - 1 dependent DSMEM round trips.
+    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+    if (valid) {
+      const uint32_t bar = smem_u32(&rbar);
+      if (e == 0) mbar_expect(bar, static_cast<uint32_t>((n - 1) * E * 4));
+      if (in) {
+        const uint32_t off = smem_u32(rkeys + t * blockDim.x + e);
 #pragma unroll
-      for (int u = 0; u < kRowMaxT; ++u) {
-        if (u < n && u != t) {
-          const uint32_t ku = cluster.map_shared_rank(skey, u)[e];
-          beat += ku > key || (ku == key && u < t);
-        }
+        for (int u = 0; u < kRowMaxT; ++u)
+          if (u < n && u != t) st_async_u32(remote_u32(off, u), key, remote_u32(bar, u));
       }
-      chosen = beat < C;
+      mbar_wait0(bar);
+      if (in) {
+        int beat = 0;
+#pragma unroll
+        for (int u = 0; u < kRowMaxT; ++u) {  // clamped rows, every read issued together
+          const uint32_t ku = rkeys[(u < n ? u : 0) * blockDim.x + e];
+          beat += (u < n && u != t) & ((ku > key) | ((ku == key) & (u < t)));
+        }
+        chosen = beat < C;
+      }
     }
-    cluster.barrier_arrive();  // this block's reads of the others' keys are done
   }
 #endif
   if (valid) {
@@ -1565,9 +1584,6 @@ __global__ void __launch_bounds__(kMaxExperts) row_block_kernel(Params p) {
   } else if (warp == 0) {
     write_padding_row(p, t, lane);
   }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (select) cg::this_cluster().barrier_wait();  // no block leaves while another may read its keys
-#endif
 }
 
 // ---------------------------------------------------------------------------
@@ -1830,12 +1846,15 @@ bool launch_row(const Params& p, cudaStream_t stream, cudaError_t& err) {
   cfg.attrs = attr;
   cfg.numAttrs = p.T > 1 ? 1 : 0;
   if (p.T > 1) {
+    cfg.dynamicSmemBytes = static_cast<size_t>(p.T) * warps * 32 * sizeof(uint32_t);  // the rows' keys
     static signed char state[kRowMaxT + 1][kMaxExperts / 32 + 1] = {};  // 0 unknown, 1 runs, -1 cannot
     signed char& st = state[p.T][warps];
     if (st == 0) {
       int clusters = 0;
       const bool ok =
           (p.T <= 8 || cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess) &&
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               kRowMaxT * kMaxExperts * static_cast<int>(sizeof(uint32_t))) == cudaSuccess &&
           cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters >= 1;
       if (!ok) cudaGetLastError();
       st = ok ? 1 : -1;
