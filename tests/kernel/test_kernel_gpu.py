@@ -407,12 +407,16 @@ def test_row_kernel_bitwise_equal_to_one_block(kernel, monkeypatch, T, E, k, cas
 
 
 def test_row_kernel_runs_where_chosen(kernel, monkeypatch):
-    """T = 1 takes the row kernel on any card, 2 <= T <= 16 on sm_90+; knob 0 turns it off."""
+    """T = 1 takes the row kernel on any card, 2 <= T <= 16 on sm_90+ (E > 64 or T >= 12);
+    knob 0 turns it off."""
     monkeypatch.delenv(ROW_KNOB, raising=False)
     assert "row_block" in kernel_names(kernel, random_logits(1, 512, torch.bfloat16), 10)
     clusters = torch.cuda.get_device_capability()[0] >= 9
     assert ("row_block" in kernel_names(kernel, random_logits(16, 128, torch.bfloat16), 8)) == clusters
     assert "row_block" not in kernel_names(kernel, random_logits(17, 128, torch.bfloat16), 8)
+    # few experts: the cluster from T = 12 only (v11d), the one block below
+    assert ("row_block" in kernel_names(kernel, random_logits(12, 60, torch.bfloat16), 4)) == clusters
+    assert "row_block" not in kernel_names(kernel, random_logits(8, 60, torch.bfloat16), 4)
     monkeypatch.setenv(ROW_KNOB, "0")
     assert "row_block" not in kernel_names(kernel, random_logits(1, 512, torch.bfloat16), 10)
 

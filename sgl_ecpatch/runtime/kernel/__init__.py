@@ -179,10 +179,10 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
                             scoring_func="softmax", correction_bias=None, num_token_non_padded=None,
                             fill="drop", out=None):
     """Expert-choice routing on the GPU (ROUTING.md). One launch: T = 1 (one block, a thread
-    per expert); on sm_90+ T <= 16 with E > 64 (one cluster of T such blocks); T <= 32 with
-    E <= 256 and T <= 24 with E <= 512 (one block; on sm_90+ a 16-block cluster for
-    17 <= T <= 32 with E > 128); on sm_90+ T <= 256 with E <= 256 (one 16-block cluster).
-    Else three launches.
+    per expert); on sm_90+ T <= 16 with E > 64 or T >= 12 (one cluster of T such blocks);
+    T <= 32 with E <= 256 and T <= 24 with E <= 512 (one block; on sm_90+ a 16-block
+    cluster first for 17 <= T <= 32); on sm_90+ T <= 256 with E <= 256, or E <= 512 where
+    the cluster's selection takes the rank form (one 16-block cluster). Else three launches.
 
     router_logits: [T, E] float32/bfloat16/float16 CUDA tensor (other float dtypes are
     upcast). Returns (topk_weights [T, k] float32, topk_ids [T, k] int32). Launches on

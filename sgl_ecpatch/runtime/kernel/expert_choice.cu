@@ -22,11 +22,13 @@
 //     are the ranks of the chosen experts when at most 32 chose it, else k rounds of
 //     a warp-wide max.
 // Launches (all on the caller's stream, no host sync, n read on the device):
-//   T = 1, and T <= 16 with E > 64 on sm_90+: row_block (one block per row, T > 1 as
-//     one cluster of T blocks)
+//   T = 1, and on sm_90+ T <= 16 with E > 64 or T >= 12: row_block (one block per row,
+//     T > 1 as one cluster of T blocks)
 //   T <= 32 (T <= 24 for E > 256), E <= 512, T*E <= 16384:  fused_small (one block,
-//     one launch), except 17 <= T <= 32 with 128 < E <= 256 on sm_90+: cluster_route
-//   T <= 256, E <= 256, sm_90+: cluster_route (one cluster of 16 blocks, one launch)
+//     one launch), except 17 <= T <= 32 on sm_90+: cluster_route first (for E <= 128
+//     only where its selection takes the rank form)
+//   T <= 256 on sm_90+: cluster_route (one cluster of 16 blocks, one launch), E <= 256,
+//     and E <= 512 where its selection takes the rank form (SGL_ECPATCH_KERNEL_RANK_MAX)
 //   T <= 1024:   keys (stats, keys transposed) -> warp_select -> token_route
 //   larger T:    keys -> select_radix (one block per expert) -> token_route
 //                (sm_90+: select_split, a cluster of B = 2-8 blocks per expert, where
@@ -1397,7 +1399,7 @@ __global__ void __launch_bounds__(kFusedThreads) fused_small_kernel(Params p) {
 // ---------------------------------------------------------------------------
 // Kernel R (decode sizes; v10): one block per row, one thread per expert. T = 1 is a
 // plain launch of one block (any card); 2 <= T <= 16 one thread-block cluster of T
-// blocks (sm_90+, E > 64: measured faster than the one block there, slower below).
+// blocks (sm_90+, E > 64 or T >= 12: measured faster than the one block there).
 // Profiled on the H200 (ncu, v9d): in the one-block kernel a single warp did a row's
 // whole chain, about 3,300 dependent instructions at E = 512 (1,700 of them the k
 // rounds of a warp-wide max), so T = 1 cost 11 µs against 7 for SGLang's router.
@@ -1419,7 +1421,10 @@ __global__ void __launch_bounds__(kFusedThreads) fused_small_kernel(Params p) {
 // not pinned down (its per-row loops and a shared-memory atomic max per row and warp).
 
 constexpr int kRowMaxT = 16;        // the largest cluster of H100/H200 (non-portable above 8)
-constexpr int kRowClusterMinE = 65;  // T > 1 takes kernel R from this many experts
+constexpr int kRowClusterMinE = 65;  // T > 1 takes kernel R from this many experts,
+constexpr int kRowClusterMinT = 12;  // and from this T with fewer (H200, v11d: T = 12-16 with
+                                     // E = 8 / 32 / 64 0.3-0.4 µs faster than the one block,
+                                     // T <= 8 0.1-0.4 µs slower)
 
 template <int DT>
 __global__ void __launch_bounds__(kMaxExperts) row_block_kernel(Params p) {
@@ -1826,12 +1831,14 @@ cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
 }
 
 // Block-per-row launch (kernel R): one block for T = 1, else one cluster of T blocks
-// (sm_90+, E >= kRowClusterMinE; the host sets row_max_t to 1 below sm_90). Whether a
+// (sm_90+, E >= kRowClusterMinE or T >= kRowClusterMinT; the host sets row_max_t to 1
+// below sm_90). Whether a
 // cluster of T blocks of this size can run is asked once per (T, warps) and cached per
 // process. Returns false, with nothing launched, where it cannot.
 template <int DT>
 bool launch_row(const Params& p, cudaStream_t stream, cudaError_t& err) {
-  if (p.T > p.row_max_t || p.T > kRowMaxT || (p.T > 1 && p.E < kRowClusterMinE)) return false;
+  if (p.T > p.row_max_t || p.T > kRowMaxT || (p.T > 1 && p.T < kRowClusterMinT && p.E < kRowClusterMinE))
+    return false;
   void (*kernel)(Params) = row_block_kernel<DT>;
   const int warps = (p.E + 31) / 32;
   cudaLaunchConfig_t cfg = {};
