@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 SLEEP_CYCLES_PER_S = 2.0e9  # torch.cuda._sleep spins this many clock cycles a second, about
 POINTS = [(60, 4), (64, 8), (128, 8), (256, 8), (512, 10)]
-TOKENS = [1, 16, 64, 256, 1024, 4096, 16384]
+TOKENS = [1, 16, 32, 64, 256, 1024, 4096, 16384]
 
 
 # ----------------------------------------------------------------------------- SGLang's router
