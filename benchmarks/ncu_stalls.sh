@@ -17,7 +17,7 @@ python3 -c "from sgl_ecpatch.runtime import kernel; m, r = kernel.try_load(); as
 ncu --clock-control none --cache-control none -k "regex:$KERNEL" -c 8 --section SourceCounters \
     --section WarpStateStats --warp-sampling-interval 0 -f -o "$rep" \
     python3 benchmarks/ncu_target.py --tokens "$T" --experts "$E" --top-k "$K" --calls 10 >/dev/null
-ncu -i "$rep.ncu-rep" --page details --section WarpStateStats | grep "Warp Cycles Per Issued" | head -1
+ncu -i "$rep.ncu-rep" --page details --section WarpStateStats | grep -m1 "Warp Cycles Per Issued"
 ncu -i "$rep.ncu-rep" --page source --csv --print-source sass > "$rep.csv"
 python3 - "$rep.csv" <<'PY'
 import collections, csv, sys
