@@ -26,6 +26,8 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
+NEEDS_CLUSTERS = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9,
+                                    reason="thread-block clusters need sm_90")
 JUNK_ID = 0x7EADBEEF
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 NEAR_TIE_ULPS = 4
@@ -351,8 +353,7 @@ def kernel_names(kernel, logits, k):
     return " ".join(ev.key for ev in prof.key_averages())
 
 
-@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9,
-                    reason="thread-block clusters need sm_90")
+@NEEDS_CLUSTERS
 def test_select_split_runs_where_chosen(kernel, monkeypatch):
     """The split kernel really runs (forced and automatic), and the knob 0 turns it off."""
     logits = random_logits(4096, 128, torch.bfloat16)
@@ -386,6 +387,13 @@ ROW_KNOB = "SGL_ECPATCH_KERNEL_ROW_MAX_T"
 def test_row_kernel_bitwise_equal_to_one_block(kernel, monkeypatch, T, E, k, case):
     """The block-per-row path (T = 1 one block; T <= 16 one cluster on sm_90+) gives the
     same bits as the one-block / three-launch paths (knob 0), which match the reference."""
+    logits, kw = knob_case_inputs(T, E, case)
+    assert_knob_bitwise(kernel, monkeypatch, logits, k, kw, ROW_KNOB, "0", None, f"row T={T} E={E} k={k} {case}",
+                        bound_near_ties=case != "ties")
+
+
+def knob_case_inputs(T, E, case):
+    """(logits, kwargs) of the cases that compare two kernel paths bit for bit."""
     logits, kw = split_case_inputs(T, E, "ties" if case == "ties" else "random")
     if case == "sigmoid_bias":
         kw = {"scoring_func": "sigmoid", "correction_bias": torch.randn(E, device="cuda") * 0.01}
@@ -393,17 +401,25 @@ def test_row_kernel_bitwise_equal_to_one_block(kernel, monkeypatch, T, E, k, cas
         logits[min(3, T - 1)] = float("nan")
         logits[T // 2, E // 2] = float("nan")
         kw = {"num_token_non_padded": torch.tensor(max(T * 2 // 3, 1), dtype=torch.int32, device="cuda")}
+    return logits, kw
+
+
+def assert_knob_bitwise(kernel, monkeypatch, logits, k, kw, knob, base_value, value, label, bound_near_ties):
+    """For both fills: the kernel with `knob` at `value` (None: unset) matches the reference
+    and gives the same bits as with `knob` at `base_value`."""
     for fill in ("drop", "topk"):
         kw["fill"] = fill
-        monkeypatch.setenv(ROW_KNOB, "0")
+        monkeypatch.setenv(knob, base_value)
         base_w, base_ids = run_kernel(kernel, logits, k, **kw)
-        monkeypatch.delenv(ROW_KNOB)
-        label = f"row T={T} E={E} k={k} {case} {fill}"
+        if value is None:
+            monkeypatch.delenv(knob)
+        else:
+            monkeypatch.setenv(knob, value)
         w, ids = run_kernel(kernel, logits, k, **kw)
         ref_w, ref_ids, _ = expert_choice_reference(logits, k, **kw)
-        assert_matches(logits, k, w, ids, ref_w, ref_ids, kw, label, bound_near_ties=case != "ties")
-        assert torch.equal(ids, base_ids), f"{label}: ids differ from the other paths"
-        assert torch.equal(w.view(torch.int32), base_w.view(torch.int32)), f"{label}: weights differ"
+        assert_matches(logits, k, w, ids, ref_w, ref_ids, kw, f"{label} {fill}", bound_near_ties=bound_near_ties)
+        assert torch.equal(ids, base_ids), f"{label} {fill}: ids differ with {knob}={base_value}"
+        assert torch.equal(w.view(torch.int32), base_w.view(torch.int32)), f"{label} {fill}: weights differ"
 
 
 def test_row_kernel_runs_where_chosen(kernel, monkeypatch):
@@ -424,8 +440,7 @@ def test_row_kernel_runs_where_chosen(kernel, monkeypatch):
 RANK_KNOB = "SGL_ECPATCH_KERNEL_RANK_MAX"
 
 
-@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9,
-                    reason="thread-block clusters need sm_90")
+@NEEDS_CLUSTERS
 @pytest.mark.parametrize("case", ["random", "ties", "nan_pad", "sigmoid_bias"])
 @pytest.mark.parametrize("E,k", [(8, 2), (60, 4), (128, 8), (256, 8), (512, 10)])
 @pytest.mark.parametrize("T", [2, 20, 33, 64, 100, 128, 256])
@@ -434,28 +449,13 @@ def test_cluster_rank_form_bitwise_equal_to_bisection(kernel, monkeypatch, T, E,
     bisection (knob 0; for E > 256 the three launches), which matches the reference."""
     monkeypatch.setenv("SGL_ECPATCH_KERNEL_FUSED_MAX", "0")  # the cluster from T = 2
     monkeypatch.setenv(ROW_KNOB, "0")
-    logits, kw = split_case_inputs(T, E, "ties" if case == "ties" else "random")
-    if case == "sigmoid_bias":
-        kw = {"scoring_func": "sigmoid", "correction_bias": torch.randn(E, device="cuda") * 0.01}
-    elif case == "nan_pad":
-        logits[min(3, T - 1)] = float("nan")
-        logits[T // 2, E // 2] = float("nan")
-        kw = {"num_token_non_padded": torch.tensor(max(T * 2 // 3, 1), dtype=torch.int32, device="cuda")}
-    for fill in ("drop", "topk"):
-        kw["fill"] = fill
-        monkeypatch.setenv(RANK_KNOB, "0")
-        base_w, base_ids = run_kernel(kernel, logits, k, **kw)
-        monkeypatch.setenv(RANK_KNOB, "1000000")  # the rank form wherever its pairs fit
-        label = f"rank T={T} E={E} k={k} {case} {fill}"
-        w, ids = run_kernel(kernel, logits, k, **kw)
-        ref_w, ref_ids, _ = expert_choice_reference(logits, k, **kw)
-        assert_matches(logits, k, w, ids, ref_w, ref_ids, kw, label, bound_near_ties=case != "ties")
-        assert torch.equal(ids, base_ids), f"{label}: ids differ from the bisection"
-        assert torch.equal(w.view(torch.int32), base_w.view(torch.int32)), f"{label}: weights differ"
+    logits, kw = knob_case_inputs(T, E, case)
+    # 1000000: the rank form wherever its pairs fit
+    assert_knob_bitwise(kernel, monkeypatch, logits, k, kw, RANK_KNOB, "0", "1000000",
+                        f"rank T={T} E={E} k={k} {case}", bound_near_ties=case != "ties")
 
 
-@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9,
-                    reason="thread-block clusters need sm_90")
+@NEEDS_CLUSTERS
 def test_cluster_rank_form_takes_many_experts(kernel, monkeypatch):
     """E = 512 takes the one cluster only in rank form (knob 0: the three launches)."""
     logits = random_logits(64, 512, torch.bfloat16)
