@@ -444,20 +444,20 @@ RANK_KNOB = "SGL_ECPATCH_KERNEL_RANK_MAX"
 @pytest.mark.parametrize("case", ["random", "ties", "nan_pad", "sigmoid_bias"])
 @pytest.mark.parametrize("E,k", [(8, 2), (60, 4), (128, 8), (256, 8), (512, 10)])
 @pytest.mark.parametrize("T", [2, 20, 33, 64, 100, 128, 256])
-def test_cluster_rank_form_bitwise_equal_to_bisection(kernel, monkeypatch, T, E, k, case):
-    """The one-cluster kernel's selection by ranks (v11) gives the same bits as its
-    bisection (knob 0; for E > 256 the three launches), which matches the reference."""
+def test_cluster_kernel_bitwise_equal_to_other_paths(kernel, monkeypatch, T, E, k, case):
+    """The one-cluster kernel (v11: ranks, st.async exchange) gives the same bits as the
+    one block or the three launches (knob 0), which match the reference."""
     monkeypatch.setenv("SGL_ECPATCH_KERNEL_FUSED_MAX", "0")  # the cluster from T = 2
     monkeypatch.setenv(ROW_KNOB, "0")
     logits, kw = knob_case_inputs(T, E, case)
-    # 1000000: the rank form wherever its pairs fit
+    # 1000000: the one cluster wherever its pairs fit
     assert_knob_bitwise(kernel, monkeypatch, logits, k, kw, RANK_KNOB, "0", "1000000",
                         f"rank T={T} E={E} k={k} {case}", bound_near_ties=case != "ties")
 
 
 @NEEDS_CLUSTERS
-def test_cluster_rank_form_takes_many_experts(kernel, monkeypatch):
-    """E = 512 takes the one cluster only in rank form (knob 0: the three launches)."""
+def test_cluster_kernel_runs_where_chosen(kernel, monkeypatch):
+    """E = 512 T = 64 takes the one cluster (knob 0: the three launches)."""
     logits = random_logits(64, 512, torch.bfloat16)
     monkeypatch.setenv(RANK_KNOB, "1000000")
     assert "cluster_route" in kernel_names(kernel, logits, 10)

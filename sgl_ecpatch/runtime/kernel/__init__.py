@@ -44,10 +44,10 @@ __all__ = [
 MAX_EXPERTS = 1024
 MAX_TOP_K = 32
 FUSED_MAX_DEFAULT = 16384  # largest T * E routed in one launch (T <= 32, E <= 512)
-CLUSTER_MAX_T_DEFAULT = 256  # largest T routed by the one-cluster launch (sm_90+, E <= 256; at most 256)
+CLUSTER_MAX_T_DEFAULT = 256  # largest T routed by the one-cluster launch (sm_90+; at most 256)
 SELECT_SPLIT_AUTO = -1  # blocks per expert of the large-T radix select: chosen by the kernel (sm_90+)
 ROW_MAX_T_DEFAULT = 16  # largest T routed by one block per row (T > 1: one cluster of T blocks, sm_90+, E > 64)
-RANK_MAX_DEFAULT = 300  # one-cluster kernel: rank form of its selection up to this many compares per thread
+RANK_MAX_DEFAULT = 256  # the one-cluster kernel where its ranks take at most this many compares per thread
 
 _DTYPE_CODES = {"torch.float32": 0, "torch.bfloat16": 1, "torch.float16": 2}
 _load_lock = threading.Lock()
@@ -181,8 +181,9 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
     """Expert-choice routing on the GPU (ROUTING.md). One launch: T = 1 (one block, a thread
     per expert); on sm_90+ T <= 16 with E > 64 or T >= 12 (one cluster of T such blocks);
     T <= 32 with E <= 256 and T <= 24 with E <= 512 (one block; on sm_90+ a 16-block
-    cluster first for 17 <= T <= 32); on sm_90+ T <= 256 with E <= 256, or E <= 512 where
-    the cluster's selection takes the rank form (one 16-block cluster). Else three launches.
+    cluster first for 17 <= T <= 32); on sm_90+ T <= 256 with E <= 512 where the cluster's
+    ranks take few compares (SGL_ECPATCH_KERNEL_RANK_MAX: to T = 170 with 60 experts,
+    128 with 128, 85 with 256, 64 with 512; one 16-block cluster). Else three launches.
 
     router_logits: [T, E] float32/bfloat16/float16 CUDA tensor (other float dtypes are
     upcast). Returns (topk_weights [T, k] float32, topk_ids [T, k] int32). Launches on
@@ -197,8 +198,8 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
     one block per expert; 2, 4 or 8 = that many, raised where a slice would not fit),
     SGL_ECPATCH_KERNEL_ROW_MAX_T (largest T routed by one block per row: T = 1 as one
     block, up to 16 on sm_90+ as one cluster of T blocks; 0: off),
-    SGL_ECPATCH_KERNEL_RANK_MAX (the one-cluster path's selection by ranks up to this many
-    compares per thread, else by bisection; 0: always bisection).
+    SGL_ECPATCH_KERNEL_RANK_MAX (the one-cluster path where its ranks take at most this
+    many compares per thread, E / 16 * T^2 / 512; default 256; 0: off).
     Raises ValueError for bad arguments, NotImplementedError for E > 1024 or
     top_k > 32, RuntimeError when the kernel cannot be loaded or launched.
     """

@@ -25,10 +25,11 @@
 //   T = 1, and on sm_90+ T <= 16 with E > 64 or T >= 12: row_block (one block per row,
 //     T > 1 as one cluster of T blocks)
 //   T <= 32 (T <= 24 for E > 256), E <= 512, T*E <= 16384:  fused_small (one block,
-//     one launch), except 17 <= T <= 32 on sm_90+: cluster_route first (for E <= 128
-//     only where its selection takes the rank form)
-//   T <= 256 on sm_90+: cluster_route (one cluster of 16 blocks, one launch), E <= 256,
-//     and E <= 512 where its selection takes the rank form (SGL_ECPATCH_KERNEL_RANK_MAX)
+//     one launch), except 17 <= T <= 32 on sm_90+: cluster_route first
+//   T <= 256, E <= 512 on sm_90+, where the ranks of cluster_route take at most
+//     SGL_ECPATCH_KERNEL_RANK_MAX compares per thread (default 256: E = 60 to T = 170,
+//     E = 128 to T = 128, E = 256 to T = 85, E = 512 to T = 64): cluster_route (one
+//     cluster of 16 blocks, one launch)
 //   T <= 1024:   keys (stats, keys transposed) -> warp_select -> token_route
 //   larger T:    keys -> select_radix (one block per expert) -> token_route
 //                (sm_90+: select_split, a cluster of B = 2-8 blocks per expert, where
@@ -324,46 +325,67 @@ __device__ __forceinline__ int bits_below_prefix(uint32_t lo, uint32_t hi) {
 
 __device__ __forceinline__ uint32_t prefix_mask(int bits) { return bits == 32 ? 0u : ~((1u << bits) - 1u); }
 
-template <int KPL>
-__global__ void __launch_bounds__(kWarpSelectWarps * 32) warp_select_kernel(Params p) {
-  allow_dependents();
-  wait_for_predecessor();  // before any exit: our completion must imply keys_kernel's
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int e = blockIdx.x * kWarpSelectWarps + warp;
-  if (e >= p.E) return;
-  const int n = read_n(p);
-  const int C = capacity(p, n);
-  if (trivial_threshold(p, e, n, C)) return;  // uniform per warp; lanes write the same
-  const uint32_t* col = p.keys_t + static_cast<long long>(e) * p.T;
+// Warp-wide reductions: one redux.sync instruction on sm_80+, a xor butterfly before.
+__device__ __forceinline__ int warp_add(int v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return static_cast<int>(__reduce_add_sync(kFull, static_cast<unsigned>(v)));
+#else
+  return warp_sum(v);
+#endif
+}
+
+__device__ __forceinline__ uint32_t warp_min(uint32_t v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_min_sync(kFull, v);
+#else
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) v = min(v, __shfl_xor_sync(kFull, v, d));
+  return v;
+#endif
+}
+
+__device__ __forceinline__ uint32_t warp_max(uint32_t v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_max_sync(kFull, v);
+#else
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) v = max(v, __shfl_xor_sync(kFull, v, d));
+  return v;
+#endif
+}
+
+// The C-th largest (key, -token) of a column of n keys, load(t) for t < n <= 32 * KPL
+// (0 < C < n), found by one warp: lane l holds tokens l + 32 i; the bits every key
+// shares are skipped, then one round per bit below them (largest v with
+// count(key >= v) >= C); ties go to the lowest token indices among the keys equal to v,
+// by ballots in index order. All loads are issued before the first use (clamped indices).
+template <int KPL, typename LoadFn>
+__device__ __forceinline__ void warp_threshold(LoadFn load, int n, int C, int lane, uint32_t& v_out, int& tstar_out) {
   uint32_t key[KPL];
   uint32_t lo = 0xffffffffu, hi = 0u;
 #pragma unroll
   for (int i = 0; i < KPL; ++i) {
     const int t = lane + 32 * i;
-    key[i] = t < n ? __ldg(col + t) : 0u;
-    if (t < n) {
-      lo = min(lo, key[i]);
-      hi = max(hi, key[i]);
-    }
+    const uint32_t kv = load(t < n ? t : 0);
+    key[i] = t < n ? kv : 0u;
+    lo = t < n ? min(lo, kv) : lo;
+    hi = t < n ? max(hi, kv) : hi;
   }
-#pragma unroll
-  for (int d = 16; d > 0; d >>= 1) {
-    lo = min(lo, __shfl_xor_sync(kFull, lo, d));
-    hi = max(hi, __shfl_xor_sync(kFull, hi, d));
-  }
+  lo = warp_min(lo);
+  hi = warp_max(hi);
   const int bits = bits_below_prefix(lo, hi);
   uint32_t v = lo & prefix_mask(bits);  // the bits all keys share
-  for (int b = bits - 1; b >= 0; --b) {  // largest v with count(key >= v) >= C
+  for (int b = bits - 1; b >= 0; --b) {
     const uint32_t cand = v | (1u << b);
     int cnt = 0;  // absent keys are 0 and cand >= 1: no validity test needed
 #pragma unroll
     for (int i = 0; i < KPL; ++i) cnt += key[i] >= cand;
-    if (warp_sum(cnt) >= C) v = cand;
+    if (warp_add(cnt) >= C) v = cand;
   }
   int greater = 0;
 #pragma unroll
   for (int i = 0; i < KPL; ++i) greater += (lane + 32 * i < n) && key[i] > v;
-  int need = C - warp_sum(greater);  // >= 1 keys equal to v still to take, lowest t first
+  int need = C - warp_add(greater);  // >= 1 keys equal to v still to take, lowest t first
   int tstar = -1;
   const unsigned lt_mask = (1u << lane) - 1u;
 #pragma unroll
@@ -377,6 +399,24 @@ __global__ void __launch_bounds__(kWarpSelectWarps * 32) warp_select_kernel(Para
     }
     if (tstar < 0) need -= c;
   }
+  v_out = v;
+  tstar_out = tstar;
+}
+
+template <int KPL>
+__global__ void __launch_bounds__(kWarpSelectWarps * 32) warp_select_kernel(Params p) {
+  allow_dependents();
+  wait_for_predecessor();  // before any exit: our completion must imply keys_kernel's
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int e = blockIdx.x * kWarpSelectWarps + warp;
+  if (e >= p.E) return;
+  const int n = read_n(p);
+  const int C = capacity(p, n);
+  if (trivial_threshold(p, e, n, C)) return;  // uniform per warp; lanes write the same
+  const uint32_t* col = p.keys_t + static_cast<long long>(e) * p.T;
+  uint32_t v;
+  int tstar;
+  warp_threshold<KPL>([&](int t) { return __ldg(col + t); }, n, C, lane, v, tstar);
   if (lane == 0) {
     p.thr_key[e] = v;
     p.thr_tok[e] = tstar;
@@ -961,24 +1001,27 @@ __global__ void __launch_bounds__(kTokenWarps * 32) token_route_kernel(Params p)
 }
 
 // ---------------------------------------------------------------------------
-// Kernel C (32 < T <= 256, E <= 256, sm_90+): one launch of one thread-block cluster
-// of nb = 16 blocks of 16 warps (8 blocks, T <= 128, where 16 cannot run). Block b owns
-// rows [b R, b R + R), R = ceil(T / nb) <= 16: one row per warp.
-// Phase 1: the warp's row's scores (kept in registers until phase 3); its keys go to
-// the block's shared memory, transposed ([E][R + 1]). cluster.sync().
-// Phase 2, warp per expert (EPW experts per warp, their bisections interleaved): the
-// column's keys are read from the blocks' shared memory (distributed shared memory),
-// the threshold is found as in warp_select_kernel (with redux.sync sums) and written
-// into every block's shared memory. cluster.sync().
+// Kernel C (T <= 256, E <= 512, few compares, sm_90+): one launch of one thread-block cluster of
+// nb = 16 blocks of 16 warps (8 blocks, T <= 128, where 16 cannot run). Block b owns rows
+// [b R, b R + R), R = ceil(T / nb) <= 16: one row per warp, and experts b + nb j.
+// Phase 1: the warp's row's scores (kept in registers until phase 3); each key is stored
+// with st.async into the block that owns its expert (column e / nb, row t), whose
+// mbarrier counts the bytes (v11c).
+// Phase 2: each block finds its experts' thresholds on its own columns by ranks (v11);
+// the thresholds go to every block with st.async, counted by a second mbarrier. Only
+// where that takes few compares per thread (SGL_ECPATCH_KERNEL_RANK_MAX): above, the
+// three launches are faster (v11h: a warp-per-expert bisection on the pushed columns
+// lost to them at T = 128-256 once their select took redux.sync).
 // Phase 3: the warp's row's slots, thresholds read locally.
-// No block touches another's shared memory after the second barrier, so a block may
-// exit while the others finish.
-// v7a (measured, reverted) gave each warp up to 4 rows (R rounded up to 32, T <= 1024):
-// the rows' latency chains ran in series and it was 1.1-2.6x slower than three launches.
+// No block reads another's shared memory, so no cluster barrier is needed after the one
+// at the start (every block started, its mbarriers initialised) and a block may exit as
+// soon as its rows are written.
+// v7-v10 exchanged the keys by remote reads between two cluster.sync() (MEMBAR.ALL.GPU in
+// the SASS); v7a gave each warp up to 4 rows (R rounded up to 32, T <= 1024): the rows'
+// latency chains ran in series and it was 1.1-2.6x slower than three launches.
 
 constexpr int kClusterWarps = 16;
 constexpr int kClusterMaxT = 256;
-constexpr int kClusterKPL = 8;     // keys per lane in phase 2: T <= 256
 constexpr int kRankPairs = 8;      // rank form: (expert, token) pairs per thread, at most
 
 __host__ __device__ inline int cluster_rows(int T, int nb) { return (T + nb - 1) / nb; }
@@ -987,12 +1030,9 @@ __host__ __device__ inline int cluster_rows(int T, int nb) { return (T + nb - 1)
 // rounded up to 4 words (uint4 reads of the keys).
 __host__ __device__ inline int cluster_keys_offset(int E) { return (2 * E + 3) / 4 * 4; }
 
-// Bisection (npad = 0): the keys of the block's rows, [E][R + 1]. Rank form (npad > 0):
-// the columns of the block's experts, [ceil(E / nb)][npad].
-inline size_t cluster_smem(int T, int E, int nb, int npad) {
-  const size_t keys = npad > 0 ? static_cast<size_t>((E + nb - 1) / nb) * npad
-                               : static_cast<size_t>(E) * (cluster_rows(T, nb) + 1);
-  return (cluster_keys_offset(E) + keys) * 4;
+// The thresholds, then the columns of the block's experts, [ceil(E / nb)][npad].
+inline size_t cluster_smem(int E, int nb, int npad) {
+  return (cluster_keys_offset(E) + static_cast<size_t>((E + nb - 1) / nb) * npad) * 4;
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -1113,45 +1153,41 @@ __device__ __forceinline__ void cluster_rank_thresholds(const uint32_t* scol, in
 }
 #endif
 
-template <int DT, int VPL, int EPW>
+template <int DT, int VPL>
 __global__ void __launch_bounds__(kClusterWarps * 32, 1) cluster_route_kernel(Params p, int R, int nb, int npad) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  namespace cg = cooperative_groups;
-  constexpr int KPL = kClusterKPL;
   extern __shared__ uint32_t csm[];
   __shared__ WarpScratch scratch[kClusterWarps];
-  cg::cluster_group cluster = cg::this_cluster();
-  const int rank = static_cast<int>(cluster.block_rank());
+  __shared__ uint64_t mbar[2];  // keys received, thresholds received
+  const int rank = static_cast<int>(cooperative_groups::this_cluster().block_rank());
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int E = p.E, stride = R + 1;
-  uint2* sthr = reinterpret_cast<uint2*>(csm);  // [E] (thr_key, thr_tok)
-  uint32_t* skeys = csm + cluster_keys_offset(E);  // bisection: [E][R + 1]; rank form: [epb][npad]
-  const int t = rank * R + warp;  // this warp's row
+  const int E = p.E;
+  uint2* sthr = reinterpret_cast<uint2*>(csm);     // [E] (thr_key, thr_tok)
+  uint32_t* scol = csm + cluster_keys_offset(E);  // this block's experts' columns, [epb][npad]
+  const int epb = (E - rank + nb - 1) / nb;       // its experts: rank + nb j, j < epb
+  const int t = rank * R + warp;                  // this warp's row
   const bool row_in = warp < R && t < p.T;
   // phase 1: the row's scores (registers) and keys. The row's loads go out first, from a
-  // clamped row and without a branch, so that n and C (a 64-bit division) overlap them.
+  // clamped row and without a branch, so that n and C overlap them.
   float x[VPL];
   load_row<DT, VPL>(p.logits, row_in ? t : 0, E, lane, x);
   const int n = read_n(p);
   const int C = capacity(p, n);
   const bool row_valid = row_in && t < n;
   const bool select = C > 0 && C < n;
-  __shared__ uint64_t mbar[2];  // rank form: keys received, thresholds received
   const uint32_t bar_keys = smem_u32(&mbar[0]), bar_thr = smem_u32(&mbar[1]);
-  if (npad > 0) {
-    if (threadIdx.x == 0) {
-      mbar_init(bar_keys);
-      mbar_init(bar_thr);
-      asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
-    if (select) {  // the groups' tails past n stay zero: no block stores there
-      const int total = (E - rank + nb - 1) / nb * npad;
-      for (int q = threadIdx.x; q < total; q += kClusterWarps * 32)
-        if (q % npad >= n) skeys[q] = 0u;
-    }
-    // other blocks store into this one: it must have started, its barriers initialised
-    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+  if (threadIdx.x == 0) {
+    mbar_init(bar_keys);
+    mbar_init(bar_thr);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
+  if (select) {  // the columns' tails past n stay zero: no block stores there
+    const int total = epb * npad;
+    for (int q = threadIdx.x; q < total; q += kClusterWarps * 32)
+      if (q % npad >= n) scol[q] = 0u;
+  }
+  // other blocks store into this one: it must have started, its barriers initialised
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
   uint32_t key[VPL];
   if (row_valid) {
     float m, s;
@@ -1161,127 +1197,33 @@ __global__ void __launch_bounds__(kClusterWarps * 32, 1) cluster_route_kernel(Pa
 #pragma unroll
     for (int i = 0; i < VPL; ++i) key[i] = okey(x[i] + b[i]);
   }
-  const int e0 = rank * kClusterWarps + warp, estep = nb * kClusterWarps;
-  if (npad > 0) {  // rank form (v11)
-    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
-    if (!select) {  // trivial capacities: each block writes its own copy
-      for (int e = threadIdx.x; e < E; e += kClusterWarps * 32)
-        sthr[e] = C == 0 ? make_uint2(0xffffffffu, 0xffffffffu) : make_uint2(0u, static_cast<uint32_t>(n));
-      __syncthreads();
-    } else {
-      // each key to the block that owns its expert (e mod nb), column e / nb, row t
-      if (threadIdx.x == 0) mbar_expect(bar_keys, static_cast<uint32_t>((E - rank + nb - 1) / nb * n * 4));
-      if (row_valid) {
-        const int shift = __ffs(nb) - 1;  // nb is 8 or 16
-        const uint32_t base = smem_u32(skeys);
-#pragma unroll
-        for (int i = 0; i < VPL; ++i) {
-          const int e = lane + 32 * i;
-          const int blk = e & (nb - 1);
-          if (e < E)
-            st_async_u32(remote_u32(base + 4u * static_cast<uint32_t>((e >> shift) * npad + t), blk), key[i],
-                         remote_u32(bar_keys, blk));
-        }
-      }
-      if (threadIdx.x == 0) mbar_expect(bar_thr, static_cast<uint32_t>(E * 8));
-      mbar_wait0(bar_keys);
-      __syncthreads();  // the zeroed tails, written by other threads of this block
-      // phase 2: per expert, the C-th largest (key, -token) of its column
-      cluster_rank_thresholds(skeys, E, n, C, rank, nb, npad, smem_u32(sthr), bar_thr);
-      mbar_wait0(bar_thr);
-    }
+  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+  if (!select) {  // trivial capacities: each block writes its own copy
+    for (int e = threadIdx.x; e < E; e += kClusterWarps * 32)
+      sthr[e] = C == 0 ? make_uint2(0xffffffffu, 0xffffffffu) : make_uint2(0u, static_cast<uint32_t>(n));
+    __syncthreads();
   } else {
-    if (row_valid && select) {
+    // each key to the block that owns its expert (e mod nb), column e / nb, row t
+    if (threadIdx.x == 0) mbar_expect(bar_keys, static_cast<uint32_t>(epb * n * 4));
+    if (row_valid) {
+      const int shift = __ffs(nb) - 1;  // nb is 8 or 16
+      const uint32_t base = smem_u32(scol);
 #pragma unroll
       for (int i = 0; i < VPL; ++i) {
         const int e = lane + 32 * i;
-        if (e < E) skeys[e * stride + warp] = key[i];
+        const int blk = e & (nb - 1);
+        if (e < E)
+          st_async_u32(remote_u32(base + 4u * static_cast<uint32_t>((e >> shift) * npad + t), blk), key[i],
+                       remote_u32(bar_keys, blk));
       }
     }
-    cluster.sync();
+    if (threadIdx.x == 0) mbar_expect(bar_thr, static_cast<uint32_t>(E * 8));
+    mbar_wait0(bar_keys);
+    __syncthreads();  // the zeroed tails, written by other threads of this block
+    // phase 2: per expert, the C-th largest (key, -token) of its column, into every block
+    cluster_rank_thresholds(scol, E, n, C, rank, nb, npad, smem_u32(sthr), bar_thr);
+    mbar_wait0(bar_thr);
   }
-  // phase 2 (bisection): per expert, the C-th largest (key, -token) of its column
-  if (npad == 0 && e0 < E) {
-    uint32_t v[EPW];
-    int tstar[EPW];
-    if (C == 0 || C >= n) {
-#pragma unroll
-      for (int j = 0; j < EPW; ++j) {
-        v[j] = C == 0 ? 0xffffffffu : 0u;
-        tstar[j] = C == 0 ? -1 : n;
-      }
-    } else {
-      uint32_t key[EPW][KPL];
-      int bits[EPW];
-#pragma unroll
-      for (int j = 0; j < EPW; ++j) {
-        const int e = e0 + j * estep;
-        uint32_t lo = 0xffffffffu, hi = 0u;
-        const int ec = e < E ? e : E - 1;
-#pragma unroll
-        for (int i = 0; i < KPL; ++i) {  // every remote read issued before the first use:
-          const int tt = lane + 32 * i;  // clamped indices, no branch (v10c); only the
-          const int tc = tt < n ? tt : n - 1;  // groups of 32 that hold a token are read
-          const int blk = tc / R;
-          const uint32_t kv = 32 * i < n ? cluster.map_shared_rank(skeys, blk)[ec * stride + (tc - blk * R)] : 0u;
-          const bool ok = e < E && tt < n;
-          key[j][i] = ok ? kv : 0u;
-          lo = ok ? min(lo, kv) : lo;
-          hi = ok ? max(hi, kv) : hi;
-        }
-        lo = __reduce_min_sync(kFull, lo);  // redux.sync: one instruction on sm_80+
-        hi = __reduce_max_sync(kFull, hi);
-        bits[j] = e < E ? bits_below_prefix(lo, hi) : 0;
-        v[j] = lo & prefix_mask(bits[j]);
-      }
-      int maxbits = bits[0];
-#pragma unroll
-      for (int j = 1; j < EPW; ++j) maxbits = max(maxbits, bits[j]);
-      for (int b = maxbits - 1; b >= 0; --b) {  // largest v with count(key >= v) >= C
-#pragma unroll
-        for (int j = 0; j < EPW; ++j) {
-          if (b < bits[j]) {  // uniform per warp
-            const uint32_t cand = v[j] | (1u << b);
-            int cnt = 0;  // absent keys are 0 and cand >= 1: no validity test needed
-#pragma unroll
-            for (int i = 0; i < KPL; ++i) cnt += key[j][i] >= cand;
-            if (static_cast<int>(__reduce_add_sync(kFull, static_cast<unsigned>(cnt))) >= C) v[j] = cand;
-          }
-        }
-      }
-      const unsigned lt_mask = (1u << lane) - 1u;
-#pragma unroll
-      for (int j = 0; j < EPW; ++j) {
-        int greater = 0;
-#pragma unroll
-        for (int i = 0; i < KPL; ++i) greater += (lane + 32 * i < n) && key[j][i] > v[j];
-        int need = C - static_cast<int>(__reduce_add_sync(kFull, static_cast<unsigned>(greater)));
-        tstar[j] = -1;
-#pragma unroll
-        for (int i = 0; i < KPL; ++i) {
-          const bool eq = (lane + 32 * i < n) && key[j][i] == v[j];
-          const unsigned bal = __ballot_sync(kFull, eq);
-          const int c = __popc(bal);
-          if (tstar[j] < 0 && need <= c) {
-            const unsigned who = __ballot_sync(kFull, eq && __popc(bal & lt_mask) == need - 1);
-            tstar[j] = 32 * i + __ffs(who) - 1;
-          }
-          if (tstar[j] < 0) need -= c;
-        }
-      }
-    }
-    if (lane < nb) {  // lane b writes block b's copy
-      uint2* dst = cluster.map_shared_rank(sthr, lane);
-#pragma unroll
-      for (int j = 0; j < EPW; ++j) {
-        const int e = e0 + j * estep;
-        if (e < E) {
-          dst[e] = make_uint2(v[j], static_cast<uint32_t>(tstar[j]));
-        }
-      }
-    }
-  }
-  if (npad == 0) cluster.sync();
   // phase 3: the slots of this warp's row
   if (warp < R && t < p.T) {
     if (t >= n) {
@@ -1638,28 +1580,26 @@ cudaError_t allow_smem(void (*kernel)(KArgs...), size_t smem) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
 }
 
-// One-cluster launch (kernel C) of nb blocks. Whether such a cluster with this much
-// shared memory can run at all is asked once per kernel, cluster size and shared-memory
-// size (cached per process; the answer is the same for every card of one model).
-// Returns false, with nothing launched, where it cannot.
-// Kernel C's phase 2 in rank form where its compares per thread (the block's pairs
-// times T, over 512 threads) stay within p.rank_max and the pairs within kRankPairs per
-// thread: npad (T rounded up to 32), else 0 (the bisection).
-inline int cluster_rank_npad(const Params& p, int nb) {
-  const long long npad = (p.T + 31) / 32 * 32;
-  const long long pairs = (p.E + nb - 1) / nb * npad;
-  const bool ok = pairs <= kRankPairs * kClusterWarps * 32 && pairs * p.T <= static_cast<long long>(p.rank_max) * kClusterWarps * 32;
-  return ok ? static_cast<int>(npad) : 0;
+// Kernel C where its ranks take at most p.rank_max compares per thread (the block's
+// pairs times T, over 512 threads) and the pairs fit kRankPairs per thread.
+inline bool cluster_fits(const Params& p, int nb, int npad) {
+  const long long pairs = static_cast<long long>((p.E + nb - 1) / nb) * npad;
+  return pairs <= kRankPairs * kClusterWarps * 32 &&
+         pairs * p.T <= static_cast<long long>(p.rank_max) * kClusterWarps * 32;
 }
 
-template <int DT, int VPL, int EPW, int NB>
-bool launch_cluster_nb(const Params& p, cudaStream_t stream, cudaError_t& err, bool rank_only) {
-  void (*kernel)(Params, int, int, int) = cluster_route_kernel<DT, VPL, EPW>;
+// One-cluster launch (kernel C) of NB blocks. Whether such a cluster with this much shared
+// memory can run at all is asked once per kernel, cluster size and shared-memory size
+// (cached per process; the answer is the same for every card of one model). Returns
+// false, with nothing launched, where it cannot or should not run.
+template <int DT, int VPL, int NB>
+bool launch_cluster_nb(const Params& p, cudaStream_t stream, cudaError_t& err) {
+  void (*kernel)(Params, int, int, int) = cluster_route_kernel<DT, VPL>;
   static size_t ok_upto = 0, bad_from = ~static_cast<size_t>(0);
   const int R = cluster_rows(p.T, NB);
-  const int npad = cluster_rank_npad(p, NB);
-  const size_t smem = cluster_smem(p.T, p.E, NB, npad);
-  if (R > kClusterWarps || p.E > EPW * NB * kClusterWarps || (rank_only && npad == 0)) return false;
+  const int npad = (p.T + 31) / 32 * 32;
+  const size_t smem = cluster_smem(p.E, NB, npad);
+  if (R > kClusterWarps || !cluster_fits(p, NB, npad)) return false;
   if (smem >= bad_from || smem + sizeof(WarpScratch) * kClusterWarps > 227 * 1024) return false;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
           cudaSuccess ||
@@ -1693,12 +1633,10 @@ bool launch_cluster_nb(const Params& p, cudaStream_t stream, cudaError_t& err, b
   return true;
 }
 
-// rank_only: only where phase 2 takes the rank form (E > 256: the bisection with two
-// experts per warp measured slower than three launches, run 9)
-template <int DT, int VPL, int EPW>
-bool launch_cluster(const Params& p, cudaStream_t stream, cudaError_t& err, bool rank_only = false) {
-  return launch_cluster_nb<DT, VPL, EPW, 16>(p, stream, err, rank_only) ||
-         launch_cluster_nb<DT, VPL, EPW, 8>(p, stream, err, rank_only);
+template <int DT, int VPL>
+bool launch_cluster(const Params& p, cudaStream_t stream, cudaError_t& err) {
+  err = cudaSuccess;
+  return launch_cluster_nb<DT, VPL, 16>(p, stream, err) || launch_cluster_nb<DT, VPL, 8>(p, stream, err);
 }
 
 // Blocks per expert of the radix select (kernel 2c), 1 for kernel 2b. Automatic: only
@@ -1778,26 +1716,15 @@ cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
   if constexpr (VPL <= 16) {  // E <= 512: the row's registers fit 512 threads
     const bool fused_ok = use_fused(p.T, p.E, p.fused_max);
     const bool cluster_ok = p.T <= p.cluster_max_t && p.T <= kClusterMaxT;
-    // E <= 256: one expert per warp in the bisection; E > 256 (two per warp) measured
-    // slower at T = 256 (24.9 vs 22.0 µs) than three launches (run 9, H200): there
-    // only where phase 2 takes the rank form
-    auto try_cluster = [&](bool rank_only) -> bool {
-      err = cudaSuccess;
-      if constexpr (VPL <= 8) return launch_cluster<DT, VPL, 1>(p, stream, err, rank_only);
-      else return launch_cluster<DT, VPL, 2>(p, stream, err, true);
-    };
-    // the one cluster before the one block from T = 17: with E > 128 (H200, session 3:
-    // T = 32 E = 256 12.7 µs against 13.5), and for any E in rank form (session 4: T = 24
-    // E = 8 / 60 / 128 8.0 / 8.3 / 9.1 µs against 10.0 / 8.5 / 10.0); with E <= 128 the
-    // bisection lost to the one block (v10e: T = 32 10.7 / 10.6 / 11.1 µs against
-    // 8.7 / 9.3 / 10.4 for E = 60 / 64 / 128)
-    if (fused_ok && cluster_ok && p.T > 16 && try_cluster(p.E <= 128)) return err;
+    // the one cluster before the one block from T = 17 (session 4: T = 24 E = 8 / 60 / 128
+    // 8.0 / 8.3 / 9.1 µs against 10.0 / 8.5 / 10.0)
+    if (fused_ok && cluster_ok && p.T > 16 && launch_cluster<DT, VPL>(p, stream, err)) return err;
     if (fused_ok) {
       const size_t smem = 2 * static_cast<size_t>(p.T) * p.E * sizeof(uint32_t);  // keys + scores
       if ((err = allow_smem(fused_small_kernel<DT, VPL>, smem)) != cudaSuccess) return err;
       return launch(fused_small_kernel<DT, VPL>, 1, kFusedThreads, smem, stream, false, p);
     }
-    if (cluster_ok && try_cluster(false)) return err;
+    if (cluster_ok && launch_cluster<DT, VPL>(p, stream, err)) return err;
   }
   if (p.sigmoid) p.stats = nullptr;
   if (!use_transpose(p.T, p.E, p.fused_max)) p.keys_t = nullptr;  // the select kernel gathers its column
@@ -1914,12 +1841,12 @@ const char* ec_error_string(int code) {
 // out_w [T, k] float32 and out_id [T, k] int32. `pdl_enabled` lets the second and third
 // kernels start early (programmatic dependent launch, sm_90+); `fused_max` is the
 // largest T * E routed by the one-launch kernel; `cluster_max_t` the largest T routed
-// by the one-cluster kernel (sm_90+, E <= 256, T <= 256; 0 turns it off);
+// by the one-cluster kernel (sm_90+, T <= 256; 0 turns it off);
 // `select_split` the blocks per expert of the large-T radix select (sm_90+: -1 chooses,
 // 0 or 1 is one block, 2/4/8 a cluster of that many); `row_max_t` the largest T routed
 // by one block per row (T = 1: one block; up to 16 on sm_90+ with E > 64: one cluster
 // of T blocks; 0 turns it off); `rank_max` the most compares per thread of the
-// one-cluster kernel's rank form (0 turns it off: the bisection). Returns 0 or an error
+// one-cluster kernel's ranks (above, and at 0, it is not used). Returns 0 or an error
 // code (see ec_error_string).
 int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bias, int bias_dtype,
              const void* n_ptr, int n_is_64, long long n_host, long long cf_num, long long cf_den,
