@@ -334,23 +334,17 @@ __device__ __forceinline__ int warp_add(int v) {
 #endif
 }
 
-__device__ __forceinline__ uint32_t warp_min(uint32_t v) {
+// The warp's min of lo and max of hi, in place.
+__device__ __forceinline__ void warp_min_max(uint32_t& lo, uint32_t& hi) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  return __reduce_min_sync(kFull, v);
+  lo = __reduce_min_sync(kFull, lo);
+  hi = __reduce_max_sync(kFull, hi);
 #else
 #pragma unroll
-  for (int d = 16; d > 0; d >>= 1) v = min(v, __shfl_xor_sync(kFull, v, d));
-  return v;
-#endif
-}
-
-__device__ __forceinline__ uint32_t warp_max(uint32_t v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  return __reduce_max_sync(kFull, v);
-#else
-#pragma unroll
-  for (int d = 16; d > 0; d >>= 1) v = max(v, __shfl_xor_sync(kFull, v, d));
-  return v;
+  for (int d = 16; d > 0; d >>= 1) {
+    lo = min(lo, __shfl_xor_sync(kFull, lo, d));
+    hi = max(hi, __shfl_xor_sync(kFull, hi, d));
+  }
 #endif
 }
 
@@ -371,8 +365,7 @@ __device__ __forceinline__ void warp_threshold(LoadFn load, int n, int C, int la
     lo = t < n ? min(lo, kv) : lo;
     hi = t < n ? max(hi, kv) : hi;
   }
-  lo = warp_min(lo);
-  hi = warp_max(hi);
+  warp_min_max(lo, hi);
   const int bits = bits_below_prefix(lo, hi);
   uint32_t v = lo & prefix_mask(bits);  // the bits all keys share
   for (int b = bits - 1; b >= 0; --b) {
