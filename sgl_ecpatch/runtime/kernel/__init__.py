@@ -46,7 +46,8 @@ MAX_TOP_K = 32
 FUSED_MAX_DEFAULT = 16384  # largest T * E routed in one launch (T <= 32, E <= 512)
 CLUSTER_MAX_T_DEFAULT = 256  # largest T routed by the one-cluster launch (sm_90+; at most 256)
 SELECT_SPLIT_AUTO = -1  # blocks per expert of the large-T radix select: chosen by the kernel (sm_90+)
-ROW_MAX_T_DEFAULT = 16  # largest T routed by one block per row (T > 1: one cluster of T blocks, sm_90+, E > 64)
+ROW_MAX_T_DEFAULT = 16  # largest T routed by one block per row (T > 1: one cluster of T blocks, sm_90+,
+                        # E > 64 or T >= 12)
 RANK_MAX_DEFAULT = 256  # the one-cluster kernel where its ranks take at most this many compares per thread
 
 _DTYPE_CODES = {"torch.float32": 0, "torch.bfloat16": 1, "torch.float16": 2}
@@ -199,7 +200,8 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
     SGL_ECPATCH_KERNEL_ROW_MAX_T (largest T routed by one block per row: T = 1 as one
     block, up to 16 on sm_90+ as one cluster of T blocks; 0: off),
     SGL_ECPATCH_KERNEL_RANK_MAX (the one-cluster path where its ranks take at most this
-    many compares per thread, E / 16 * T^2 / 512; default 256; 0: off).
+    many compares per thread, ceil(E / 16) * T32 * T / 512 with T32 = T rounded up to 32;
+    default 256; 0: off).
     Raises ValueError for bad arguments, NotImplementedError for E > 1024 or
     top_k > 32, RuntimeError when the kernel cannot be loaded or launched.
     """

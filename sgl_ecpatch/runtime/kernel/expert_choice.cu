@@ -160,7 +160,7 @@ struct Params {
   int cluster_max_t;   // largest T for the one-cluster path (0: off; sm_90+ only)
   int select_split;    // blocks per expert of the radix select: -1 automatic, 0/1 off, 2/4/8 (sm_90+)
   int row_max_t;       // largest T for the block-per-row path (0: off; above 1: sm_90+ clusters)
-  int rank_max;        // kernel C's rank form of phase 2 up to this many compares per thread (0: off)
+  int rank_max;        // kernel C where its ranks take at most this many compares per thread (0: off)
   int num_sms;         // host only: the device's SM count (automatic select split)
   float2* stats;       // [T] (m, s) of softmax rows; null: recompute per row
   uint32_t* keys_t;    // [E, T] ordered keys, transposed; null: select gathers them
@@ -994,8 +994,8 @@ __global__ void __launch_bounds__(kTokenWarps * 32) token_route_kernel(Params p)
 }
 
 // ---------------------------------------------------------------------------
-// Kernel C (T <= 256, E <= 512, few compares, sm_90+): one launch of one thread-block cluster of
-// nb = 16 blocks of 16 warps (8 blocks, T <= 128, where 16 cannot run). Block b owns rows
+// Kernel C (T <= 256, E <= 512, few compares, sm_90+): one launch of one thread-block
+// cluster of nb = 16 blocks of 16 warps (8 blocks, T <= 128, where 16 cannot run). Block b owns rows
 // [b R, b R + R), R = ceil(T / nb) <= 16: one row per warp, and experts b + nb j.
 // Phase 1: the warp's row's scores (kept in registers until phase 3); each key is stored
 // with st.async into the block that owns its expert (column e / nb, row t), whose
@@ -1080,7 +1080,7 @@ __device__ __forceinline__ unsigned count_gt(unsigned cnt, unsigned kj, unsigned
   return r;
 }
 
-// Phase 2 of kernel C in rank form (v11, npad > 0; 0 < C < n): block b finds the
+// Phase 2 of kernel C (v11; 0 < C < n): block b finds the
 // thresholds of experts b + nb j (j < epb). Phase 1 stored their columns into its shared
 // memory (scol, [epb][npad], zero from n on). The thread of pair (expert, token t)
 // counts the tokens that beat t in the column: a larger key, or an equal key at a lower
