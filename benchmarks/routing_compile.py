@@ -86,7 +86,6 @@ import importlib.util  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -100,6 +99,7 @@ import torch._inductor.config as inductor_config  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sgl_ecpatch.bench.seed_baseline import seed_expert_choice_topk  # noqa: E402
+from sgl_ecpatch.bench.timing import time_cpu_passes  # noqa: E402
 from sgl_ecpatch.bench.timing import time_cuda_graph as graph_timer  # noqa: E402
 from sgl_ecpatch.runtime import fast, scoring  # noqa: E402
 
@@ -262,17 +262,6 @@ def time_graph(fn, inputs, replays: int) -> float:
     return graph_timer(fn, inputs, repeats=replays, replays=1)
 
 
-def time_cpu(fn, inputs, replays: int) -> float:
-    fn(inputs[0])
-    times = []
-    for _ in range(replays):
-        start = time.perf_counter()
-        for x in inputs:
-            fn(x)
-        times.append((time.perf_counter() - start) * 1e6 / len(inputs))
-    return statistics.median(times)
-
-
 _ERROR_LINE = re.compile(r"^\s*(\w+(Error|Exception|Unsupported)): ")
 
 
@@ -392,7 +381,7 @@ def compiled_variant(mod, top_k, with_n, inputs, hard, n_dev, device, on_gpu, re
         if on_gpu:
             us = time_graph(lambda x: cfn(x, n_dev), inputs, replays)
         else:
-            us = time_cpu(lambda x: cfn(x, n_dev), inputs, replays)
+            us = time_cpu_passes(lambda x: cfn(x, n_dev), inputs, repeats=replays)
     except Exception as exc:  # noqa: BLE001
         if compile_s is None:
             compile_s = time.perf_counter() - started
@@ -430,7 +419,8 @@ def run_point(num_experts, top_k, num_tokens, args, device, on_gpu, gen, mod, de
     hard = hard_logits(num_tokens, num_experts, device, gen)
     n_dev = torch.tensor(num_tokens, device=device, dtype=torch.int64)
     replays = args.replays
-    timer = (lambda f: time_graph(f, inputs, replays)) if on_gpu else (lambda f: time_cpu(f, inputs, replays))
+    timer = ((lambda f: time_graph(f, inputs, replays)) if on_gpu
+             else (lambda f: time_cpu_passes(f, inputs, repeats=replays)))
 
     row = empty_row(num_experts, top_k, num_tokens)
     eager_notes = []

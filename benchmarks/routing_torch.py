@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -40,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sgl_ecpatch.bench.seed_baseline import seed_expert_choice_topk  # noqa: E402
+from sgl_ecpatch.bench.timing import time_cpu_passes  # noqa: E402
 from sgl_ecpatch.bench.timing import time_cuda_graph as graph_timer  # noqa: E402
 from sgl_ecpatch.runtime.config import validate  # noqa: E402
 from sgl_ecpatch.runtime.fast import expert_choice_topk_torch, run_torch  # noqa: E402
@@ -102,14 +101,7 @@ def time_cuda_graph(fn, inputs, top_k: int, replays: int) -> float:
 
 
 def time_cpu(fn, inputs, top_k: int, replays: int) -> float:
-    fn(inputs[0], top_k)
-    times = []
-    for _ in range(replays):
-        start = time.perf_counter()
-        for x in inputs:
-            fn(x, top_k)
-        times.append((time.perf_counter() - start) * 1e6 / len(inputs))
-    return statistics.median(times)
+    return time_cpu_passes(lambda x: fn(x, top_k), inputs, repeats=replays)
 
 
 def main(argv=None) -> int:

@@ -43,6 +43,20 @@ def time_cpu(fn: Callable, inputs: Sequence, *, warmup: int = 2, repeats: int = 
     return min(samples) * 1e6
 
 
+def time_cpu_passes(fn: Callable, inputs: Sequence, *, repeats: int) -> float:
+    """Median microseconds per call over `repeats` passes, each one call per input, after
+    one warm-up call: the CPU counterpart of the per-pass samples of `time_cuda_graph`
+    (the routing benchmarks put both in one table)."""
+    fn(inputs[0])
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for x in inputs:
+            fn(x)
+        times.append((time.perf_counter() - start) * 1e6 / len(inputs))
+    return statistics.median(times)
+
+
 def time_cuda_eager(fn: Callable, inputs: Sequence, *, warmup: int = 3, repeats: int = 11,
                     rounds: int = 4) -> float:
     for i in range(warmup):
