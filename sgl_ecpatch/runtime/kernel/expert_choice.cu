@@ -995,8 +995,9 @@ __global__ void __launch_bounds__(kTokenWarps * 32) token_route_kernel(Params p)
 
 // ---------------------------------------------------------------------------
 // Kernel C (T <= 256, E <= 512, few compares, sm_90+): one launch of one thread-block
-// cluster of nb = 16 blocks of 16 warps (8 blocks, T <= 128, where 16 cannot run). Block b owns rows
-// [b R, b R + R), R = ceil(T / nb) <= 16: one row per warp, and experts b + nb j.
+// cluster of nb = 16 blocks of 16 warps (8 blocks, T <= 128, where 16 cannot run). Block
+// b owns rows [b R, b R + R), R = ceil(T / nb) <= 16 (one row per warp), and experts
+// b + nb j.
 // Phase 1: the warp's row's scores (kept in registers until phase 3); each key is stored
 // with st.async into the block that owns its expert (column e / nb, row t), whose
 // mbarrier counts the bytes (v11c).
@@ -1080,9 +1081,9 @@ __device__ __forceinline__ unsigned count_gt(unsigned cnt, unsigned kj, unsigned
   return r;
 }
 
-// Phase 2 of kernel C (v11; 0 < C < n): block b finds the
-// thresholds of experts b + nb j (j < epb). Phase 1 stored their columns into its shared
-// memory (scol, [epb][npad], zero from n on). The thread of pair (expert, token t)
+// Phase 2 of kernel C (v11; 0 < C < n): block b finds the thresholds of experts b + nb j
+// (j < epb). Phase 1 stored their columns into its shared memory (scol, [epb][npad],
+// zero from n on). The thread of pair (expert, token t)
 // counts the tokens that beat t in the column: a larger key, or an equal key at a lower
 // index. That count is t's rank; the token of rank C - 1 is the threshold, written into
 // every block's shared memory (one 8-byte st.async per block, by nb lanes of its warp,
@@ -1343,11 +1344,11 @@ __global__ void __launch_bounds__(kFusedThreads) fused_small_kernel(Params p) {
 //     the order of scores_in_place (lane l adds elements l, l + 32, ... in order, then a
 //     xor butterfly; done by warp 0 from shared memory), exp / sum per thread: the same
 //     bits as every other path;
-//   expert choice (T > 1, 0 < C < n): the keys go to shared memory, one cluster
-//     barrier, and thread e of block t counts the tokens that beat t in column e
-//     (distributed shared memory, n - 1 reads): chosen iff fewer than C do. Every block
-//     does this for its own row only, so no second barrier is needed; a cluster
-//     barrier arrive/wait pair keeps each block's keys alive until the others read them;
+//   expert choice (T > 1, 0 < C < n): each valid row's block stores its keys into every
+//     other valid row's block (st.async, counted there by an mbarrier; v11d), and thread
+//     e of block t counts, in its own shared memory, the tokens that beat t in column e:
+//     chosen iff fewer than C do. No block reads another's shared memory, so one cluster
+//     barrier at the start (every block started, its mbarrier initialised) is the only one;
 //   slots: each warp orders its own experts' 44-bit ranks (as route_token's) and keeps
 //     its best k as candidates; each candidate's slot is the number of candidates of
 //     all warps that rank above it (reads that every lane makes at one address).
@@ -1752,9 +1753,8 @@ cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
 
 // Block-per-row launch (kernel R): one block for T = 1, else one cluster of T blocks
 // (sm_90+, E >= kRowClusterMinE or T >= kRowClusterMinT; the host sets row_max_t to 1
-// below sm_90). Whether a
-// cluster of T blocks of this size can run is asked once per (T, warps) and cached per
-// process. Returns false, with nothing launched, where it cannot.
+// below sm_90). Whether a cluster of T blocks of this size can run is asked once per
+// (T, warps) and cached per process. Returns false, with nothing launched, where it cannot.
 template <int DT>
 bool launch_row(const Params& p, cudaStream_t stream, cudaError_t& err) {
   if (p.T > p.row_max_t || p.T > kRowMaxT || (p.T > 1 && p.T < kRowClusterMinT && p.E < kRowClusterMinE))
@@ -1837,8 +1837,8 @@ const char* ec_error_string(int code) {
 // by the one-cluster kernel (sm_90+, T <= 256; 0 turns it off);
 // `select_split` the blocks per expert of the large-T radix select (sm_90+: -1 chooses,
 // 0 or 1 is one block, 2/4/8 a cluster of that many); `row_max_t` the largest T routed
-// by one block per row (T = 1: one block; up to 16 on sm_90+ with E > 64: one cluster
-// of T blocks; 0 turns it off); `rank_max` the most compares per thread of the
+// by one block per row (T = 1: one block; up to 16 on sm_90+ with E > 64 or from T = 12:
+// one cluster of T blocks; 0 turns it off); `rank_max` the most compares per thread of the
 // one-cluster kernel's ranks (above, and at 0, it is not used). Returns 0 or an error
 // code (see ec_error_string).
 int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bias, int bias_dtype,
