@@ -360,9 +360,11 @@ def test_select_split_runs_where_chosen(kernel, monkeypatch):
     monkeypatch.setenv(SPLIT_KNOB, "4")
     assert "select_split" in kernel_names(kernel, logits, 8)
     monkeypatch.delenv(SPLIT_KNOB)
-    assert "select_split" in kernel_names(kernel, random_logits(16384, 60, torch.bfloat16), 4)
-    # automatic: only few experts (E * 8 <= 4 x SMs); the split lost at E = 128 (v8)
+    assert "select_split" in kernel_names(kernel, random_logits(2048, 60, torch.bfloat16), 4)
+    # automatic: only few experts (E * 8 <= 4 x SMs); the split lost at E = 128 (v8) and,
+    # once one block's loads were batched (v12), from T = 4096
     assert "select_split" not in kernel_names(kernel, logits, 8)
+    assert "select_split" not in kernel_names(kernel, random_logits(16384, 60, torch.bfloat16), 4)
     monkeypatch.setenv(SPLIT_KNOB, "0")
     names = kernel_names(kernel, logits, 8)
     assert "select_split" not in names and "select_radix" in names

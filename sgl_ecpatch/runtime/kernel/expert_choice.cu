@@ -32,8 +32,8 @@
 //     cluster of 16 blocks, one launch)
 //   T <= 1024:   keys (stats, keys transposed) -> warp_select -> token_route
 //   larger T:    keys -> select_radix (one block per expert) -> token_route
-//                (sm_90+: select_split, a cluster of B = 2-8 blocks per expert, where
-//                E * B fills the chip; SGL_ECPATCH_KERNEL_SELECT_SPLIT)
+//                (sm_90+, T < 4096: select_split, a cluster of B = 2-8 blocks per
+//                expert, where E * B fills the chip; SGL_ECPATCH_KERNEL_SELECT_SPLIT)
 //   (T*E > 2^24: no transposed keys; select_radix gathers its column)
 // The second and third launches use programmatic dependent launch on sm_90+.
 // Every reduction has a fixed order and histograms use integer atomics only, so the
@@ -302,13 +302,22 @@ __global__ void __launch_bounds__(kKeysRows * 32) keys_kernel(Params p) {
   }
 }
 
+// cnt + (kj > kt) given nkt = ~kt: the carry out of kj + ~kt (set iff kj > kt). ptxas
+// turns a pair of these into two adds with carry out and one add of both carries: 1.5
+// instructions a compare, against 3 for `cnt += kj > kt` (compare, add, select).
+__device__ __forceinline__ unsigned count_gt(unsigned cnt, unsigned kj, unsigned nkt) {
+  unsigned r;
+  asm("{\n .reg .u32 d;\n add.cc.u32 d, %1, %2;\n addc.u32 %0, %3, 0;\n}" : "=r"(r) : "r"(kj), "r"(nkt), "r"(cnt));
+  return r;
+}
+
 // ---------------------------------------------------------------------------
 // Kernel 2a (T <= 1024): one warp per expert; the column's keys sit in registers
 // (lane l holds tokens l + 32 i, i < KPL) and the C-th largest key is found bit by
 // bit (below the bits all keys share), counting with the whole warp. Ties: the
 // lowest token indices among the keys equal to it, by ballots in index order.
 
-constexpr int kWarpSelectWarps = 8;
+constexpr int kWarpSelectWarps = 4;  // v12: 8 -> 4, few experts spread over more SMs
 
 __device__ __forceinline__ int warp_sum(int v) {
 #pragma unroll
@@ -370,10 +379,16 @@ __device__ __forceinline__ void warp_threshold(LoadFn load, int n, int C, int la
   uint32_t v = lo & prefix_mask(bits);  // the bits all keys share
   for (int b = bits - 1; b >= 0; --b) {
     const uint32_t cand = v | (1u << b);
-    int cnt = 0;  // absent keys are 0 and cand >= 1: no validity test needed
+    // count(key >= cand) = count(key > cand - 1) as carries (v12: 1.5 instructions a
+    // compare); absent keys are 0 and cand >= 1: no validity test needed
+    const uint32_t nk = ~(cand - 1u);
+    unsigned c0 = 0u, c1 = 0u;
 #pragma unroll
-    for (int i = 0; i < KPL; ++i) cnt += key[i] >= cand;
-    if (warp_add(cnt) >= C) v = cand;
+    for (int i = 0; i < KPL; i += 2) {
+      c0 = count_gt(c0, key[i], nk);
+      if (i + 1 < KPL) c1 = count_gt(c1, key[i + 1], nk);
+    }
+    if (warp_add(static_cast<int>(c0 + c1)) >= C) v = cand;
   }
   int greater = 0;
 #pragma unroll
@@ -426,6 +441,8 @@ __global__ void __launch_bounds__(kWarpSelectWarps * 32) warp_select_kernel(Para
 
 constexpr int kSelectThreads = 512;
 constexpr int kRadixBits = 12;
+constexpr int kSelectBatch = 16;  // keys per thread loaded from global memory before the first is used
+constexpr int kPassBatch = 4;     // the same for the passes' shared-memory reads
 
 __device__ __forceinline__ int block_exclusive_scan(int v, int* swarp, int& total) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
@@ -494,12 +511,34 @@ __global__ void __launch_bounds__(kSelectThreads) select_radix_kernel(Params p, 
     s_all_equal_taken = 0;
   }
   uint32_t lo = 0xffffffffu, hi = 0u;
-#pragma unroll 4
-  for (int t = tid; t < n; t += bd) {
-    const uint32_t u = gcol ? __ldg(gcol + t) : gather_key(t);
-    if (cached) col[t] = u;
-    lo = min(lo, u);
-    hi = max(hi, u);
+  if (gcol != nullptr && cached) {
+    // v12: kSelectBatch loads per thread in flight, with no branch between them. The
+    // loop before chose the key's source per element, and ptxas waited for each load
+    // inside its branch: 32 dependent DRAM round trips per thread at T = 16384.
+    for (int base = 0; base < n; base += kSelectBatch * bd) {  // uniform trip count
+      uint32_t u[kSelectBatch];
+#pragma unroll
+      for (int j = 0; j < kSelectBatch; ++j) {
+        const int t = base + j * bd + tid;
+        u[j] = __ldg(gcol + (t < n ? t : 0));
+      }
+#pragma unroll
+      for (int j = 0; j < kSelectBatch; ++j) {
+        const int t = base + j * bd + tid;
+        if (t < n) {
+          col[t] = u[j];
+          lo = min(lo, u[j]);
+          hi = max(hi, u[j]);
+        }
+      }
+    }
+  } else {
+    for (int t = tid; t < n; t += bd) {
+      const uint32_t u = gcol ? __ldg(gcol + t) : gather_key(t);
+      if (cached) col[t] = u;
+      lo = min(lo, u);
+      hi = max(hi, u);
+    }
   }
 #pragma unroll
   for (int d = 16; d > 0; d >>= 1) {
@@ -522,9 +561,24 @@ __global__ void __launch_bounds__(kSelectThreads) select_radix_kernel(Params p, 
     const unsigned nbins = 1u << width;
     for (unsigned i = tid; i < nbins; i += bd) hist[i] = 0u;
     __syncthreads();
-    for (int t = tid; t < n; t += bd) {
-      const uint32_t u = key_at(t);
-      if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & (nbins - 1u)], 1u);
+    if (cached) {  // shared-memory reads issued kPassBatch at a time, no branch between
+      for (int base = 0; base < n; base += kPassBatch * bd) {
+        uint32_t u[kPassBatch];
+#pragma unroll
+        for (int j = 0; j < kPassBatch; ++j) {
+          const int t = base + j * bd + tid;
+          u[j] = col[t < n ? t : 0];
+        }
+#pragma unroll
+        for (int j = 0; j < kPassBatch; ++j) {
+          if (base + j * bd + tid < n && (u[j] & mask) == prefix) atomicAdd(&hist[(u[j] >> shift) & (nbins - 1u)], 1u);
+        }
+      }
+    } else {
+      for (int t = tid; t < n; t += bd) {
+        const uint32_t u = key_at(t);
+        if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & (nbins - 1u)], 1u);
+      }
     }
     __syncthreads();
     // thread `tid` owns bins [tid * per, tid * per + per); larger bins = larger keys
@@ -612,6 +666,10 @@ constexpr int kSplitBits = 8;  // 256 bins: one per thread
 constexpr int kSplitMaxB = 8;  // portable cluster sizes only
 constexpr int kSplitSmemKeysMax = 32768;  // 128 KiB slice per block
 constexpr int kSplitMinKeys = 1024;        // automatic B keeps at least this many tokens per block
+// Automatic split only below this T (v12): once select_radix's loads were batched, one
+// block per expert beat the split at E = 60/64 from T = 4096 (19.0 vs 19.5-20.6 µs) and at
+// T = 16384 (34.5 vs 39.2-41.1); the split still wins at T = 2048 (15.4 vs 20.7, H200).
+constexpr int kSplitAutoBelowT = 4096;
 
 __global__ void __launch_bounds__(kSplitThreads) select_split_kernel(Params p, int B, int S) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -1070,15 +1128,6 @@ __device__ __forceinline__ void st_async_v2(uint32_t raddr, uint32_t a, uint32_t
   asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.u32 [%0], {%1, %2}, [%3];" ::"r"(raddr),
                "r"(a), "r"(b), "r"(rbar)
                : "memory");
-}
-
-// cnt + (kj > kt) given nkt = ~kt: the carry out of kj + ~kt (set iff kj > kt). ptxas
-// turns a pair of these into two adds with carry out and one add of both carries: 1.5
-// instructions a compare, against 3 for `cnt += kj > kt` (compare, add, select).
-__device__ __forceinline__ unsigned count_gt(unsigned cnt, unsigned kj, unsigned nkt) {
-  unsigned r;
-  asm("{\n .reg .u32 d;\n add.cc.u32 d, %1, %2;\n addc.u32 %0, %3, 0;\n}" : "=r"(r) : "r"(kj), "r"(nkt), "r"(cnt));
-  return r;
 }
 
 // Phase 2 of kernel C (v11; 0 < C < n): block b finds the thresholds of experts b + nb j
@@ -1642,6 +1691,7 @@ inline int split_blocks(const Params& p) {
   int B = 1;
   if (p.select_split < 0) {
     if (static_cast<long long>(p.E) * kSplitMaxB > 4LL * p.num_sms) return 1;
+    if (p.T >= kSplitAutoBelowT) return 1;
     for (int c = kSplitMaxB; c >= 2; c >>= 1) {
       if (p.T / c >= kSplitMinKeys) {
         B = c;
@@ -1728,10 +1778,13 @@ cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
     err = launch(keys_kernel<DT, VPL>, (p.T + kKeysRows - 1) / kKeysRows, kKeysRows * 32, tile, stream, false, p);
     if (err != cudaSuccess) return err;
   }
-  // warp-per-expert select: measured faster up to T = 256, and up to 1024 at E >= 512
-  if (p.keys_t != nullptr && (p.T <= 256 || (p.T <= kWarpSelectMaxT && p.E >= 512))) {
+  // warp-per-expert select up to T = 1024 (v12, with carries for its compares and 4 warps
+  // a block: E = 60-256 T = 512-1024 2-6 µs faster than select_radix; before v12 it won
+  // only at E >= 512 there)
+  if (p.keys_t != nullptr && p.T <= kWarpSelectMaxT) {
     const int grid = (p.E + kWarpSelectWarps - 1) / kWarpSelectWarps;
     if (p.T <= 256) err = launch(warp_select_kernel<8>, grid, kWarpSelectWarps * 32, 0, stream, pdl, p);
+    else if (p.T <= 512) err = launch(warp_select_kernel<16>, grid, kWarpSelectWarps * 32, 0, stream, pdl, p);
     else err = launch(warp_select_kernel<32>, grid, kWarpSelectWarps * 32, 0, stream, pdl, p);
     if (err != cudaSuccess) return err;
     return launch(token_route_kernel<DT, VPL>, token_grid, kTokenWarps * 32, 0, stream, pdl, p);
