@@ -16,7 +16,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "from sgl_ecpatch.runtime import kernel; m, r = kernel.try_load(); assert m is not None, r"
 ncu --clock-control none --cache-control none -k "regex:$KERNEL" -c 8 --section SourceCounters \
     --section WarpStateStats --warp-sampling-interval 0 -f -o "$rep" \
-    python3 benchmarks/ncu_target.py --tokens "$T" --experts "$E" --top-k "$K" --calls 10 >/dev/null
+    python3 benchmarks/ncu_target.py --tokens "$T" --experts "$E" --top-k "$K" --calls 10 2>&1 | { grep -v '^==PROF== Profiling' || true; }
 ncu -i "$rep.ncu-rep" --page details --section WarpStateStats | grep -m1 "Warp Cycles Per Issued"
 ncu -i "$rep.ncu-rep" --page source --csv --print-source sass > "$rep.csv"
 python3 - "$rep.csv" <<'PY'

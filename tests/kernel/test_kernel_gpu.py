@@ -214,7 +214,7 @@ def test_quantised_logits_ties(kernel, T, levels):
                        bound_near_ties=False)
 
 
-@pytest.mark.parametrize("T", [8, 64, 200])
+@pytest.mark.parametrize("T", [8, 64, 200, 1024, 3000])  # 1024, 3000: the token kernel's screen too
 def test_nan_and_inf_rows(kernel, T):
     logits = random_logits(T, 64, torch.float32)
     logits[1] = float("nan")                 # all-NaN row
@@ -226,6 +226,28 @@ def test_nan_and_inf_rows(kernel, T):
     for fill in ("drop", "topk"):
         for scoring in ("softmax", "sigmoid"):
             check(kernel, logits, 4, f"nan/inf T={T} {fill} {scoring}", fill=fill, scoring_func=scoring)
+
+
+@pytest.mark.parametrize("case", ["underflow", "bias", "one_valid", "wide_bias"])
+@pytest.mark.parametrize("E,k", [(60, 4), (128, 8), (512, 10), (1000, 32)])
+@pytest.mark.parametrize("T", [1024, 3000])
+def test_token_screen_edges(kernel, T, E, k, case):
+    """The token kernel screens a row with an upper bound of each key before the exact
+    scores (v13: softmax, fill "drop", the three-launch path). Inputs at the bound's edges:
+    scores that underflow (exp flushed to zero in the bound), biases that dominate the
+    scores, and one valid row (C = n: every expert chooses it, more than 32 pass, the
+    unscreened path takes over)."""
+    logits = random_logits(T, E, torch.bfloat16)
+    kw = {}
+    if case == "underflow":  # most scores below 2^-126 or zero; thresholds among them
+        logits = (logits.float() * 40).to(torch.bfloat16)
+    elif case == "bias":
+        kw["correction_bias"] = torch.randn(E, device="cuda") * 1e-3
+    elif case == "wide_bias":  # the bias orders the experts more than the scores do
+        kw["correction_bias"] = torch.randn(E, device="cuda") * 10.0
+    else:
+        kw["num_token_non_padded"] = torch.tensor(1, device="cuda")
+    check(kernel, logits, k, f"screen {case} T={T} E={E} k={k}", **kw)
 
 
 @pytest.mark.parametrize("T", [1, 64, 65, 3000])
