@@ -1706,6 +1706,36 @@ inline bool cluster_fits(const Params& p, int nb, int npad) {
          pairs * p.T <= static_cast<long long>(p.rank_max) * kClusterWarps * 32;
 }
 
+// The launch configuration of `grid` blocks in clusters of `cluster` (1: no cluster
+// attribute). attr[0] is the cluster size; attr[1] is left for the PDL attribute, which
+// a caller adds by raising cfg.numAttrs (attr must outlive the launch).
+inline void cluster_config(cudaLaunchConfig_t& cfg, cudaLaunchAttribute (&attr)[2], int grid, int block, size_t smem,
+                           int cluster, cudaStream_t stream) {
+  cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(block);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = cluster > 1 ? 1 : 0;
+}
+
+// Whether at least one cluster of this configuration fits the device (the error of a
+// failed query is cleared).
+template <typename Kernel>
+inline bool cluster_runs(Kernel kernel, const cudaLaunchConfig_t& cfg) {
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters >= 1) return true;
+  cudaGetLastError();
+  return false;
+}
+
 // One-cluster launch (kernel C) of NB blocks. Whether such a cluster with this much shared
 // memory can run at all is asked once per kernel, cluster size and shared-memory size
 // (cached per process; the answer is the same for every card of one model). Returns
@@ -1726,27 +1756,16 @@ bool launch_cluster_nb(const Params& p, cudaStream_t stream, cudaError_t& err) {
     bad_from = smem;
     return false;
   }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(NB);
-  cfg.blockDim = dim3(kClusterWarps * 32);
-  cfg.dynamicSmemBytes = smem;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = NB;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cudaLaunchConfig_t cfg;
+  cudaLaunchAttribute attr[2];
+  cluster_config(cfg, attr, NB, kClusterWarps * 32, smem, NB, stream);
   if (smem > ok_upto) {
-    int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters < 1) {
-      cudaGetLastError();
+    if (!cluster_runs(kernel, cfg)) {
       bad_from = smem;
       return false;
     }
     ok_upto = smem;
   }
-  cfg.stream = stream;
   err = cudaLaunchKernelEx(&cfg, kernel, p, R, NB, npad);
   return true;
 }
@@ -1800,30 +1819,17 @@ inline bool launch_select_split(const Params& p, int B, cudaStream_t stream, boo
     }
     attr_set = smem;
   }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(p.E * B);
-  cfg.blockDim = dim3(kSplitThreads);
-  cfg.dynamicSmemBytes = smem;
+  cudaLaunchConfig_t cfg;
   cudaLaunchAttribute attr[2];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = B;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[1].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cluster_config(cfg, attr, p.E * B, kSplitThreads, smem, B, stream);
   if (smem > ok_upto[B]) {
-    int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, select_split_kernel, &cfg) != cudaSuccess || clusters < 1) {
-      cudaGetLastError();
+    if (!cluster_runs(select_split_kernel, cfg)) {
       bad_from[B] = smem;
       return false;
     }
     ok_upto[B] = smem;
   }
   cfg.numAttrs = pdl ? 2 : 1;
-  cfg.stream = stream;
   err = cudaLaunchKernelEx(&cfg, select_split_kernel, p, B, S);
   return true;
 }
@@ -1890,30 +1896,20 @@ bool launch_row(const Params& p, cudaStream_t stream, cudaError_t& err) {
     return false;
   void (*kernel)(Params) = row_block_kernel<DT>;
   const int warps = (p.E + 31) / 32;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(p.T);
-  cfg.blockDim = dim3(warps * 32);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = p.T;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = p.T > 1 ? 1 : 0;
+  const size_t smem = p.T > 1 ? static_cast<size_t>(p.T) * warps * 32 * sizeof(uint32_t) : 0;  // the rows' keys
+  cudaLaunchConfig_t cfg;
+  cudaLaunchAttribute attr[2];
+  cluster_config(cfg, attr, p.T, warps * 32, smem, p.T, stream);
   if (p.T > 1) {
-    cfg.dynamicSmemBytes = static_cast<size_t>(p.T) * warps * 32 * sizeof(uint32_t);  // the rows' keys
     static signed char state[kRowMaxT + 1][kMaxExperts / 32 + 1] = {};  // 0 unknown, 1 runs, -1 cannot
     signed char& st = state[p.T][warps];
     if (st == 0) {
-      int clusters = 0;
-      const bool ok =
+      const bool attrs_ok =
           (p.T <= 8 || cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess) &&
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               kRowMaxT * kMaxExperts * static_cast<int>(sizeof(uint32_t))) == cudaSuccess &&
-          cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters >= 1;
-      if (!ok) cudaGetLastError();
-      st = ok ? 1 : -1;
+                               kRowMaxT * kMaxExperts * static_cast<int>(sizeof(uint32_t))) == cudaSuccess;
+      if (!attrs_ok) cudaGetLastError();
+      st = attrs_ok && cluster_runs(kernel, cfg) ? 1 : -1;
     }
     if (st < 0) return false;
   }
@@ -2015,9 +2011,12 @@ int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bia
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   int major = 0;
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  // PDL measured a gain up to a few thousand tokens and at E >= 512; a loss at
-  // T = 4096 with E <= 256 (dependents holding SM slots while the select runs)
-  const bool pdl = major >= 9 && pdl_enabled && (T <= 2048 || E >= 512);
+  // PDL: on except where it measured a loss: 1024 < T < 4096 with 128 <= E < 512 (T = 2048:
+  // E = 128 / 256 18.3 / 23.1 µs without, 19.9 / 24.1 with; session 5 call 7, H200). v15
+  // turned it on from T = 4096 with E <= 256 too (off since v5): -0.4 to -2.5 µs there
+  // now (E = 60 T = 16384 32.3 -> 30.0), except E = 128 T = 4096 (+0.7).
+  const bool pdl_loss = E >= 128 && E < 512 && T > 1024 && T < 4096;
+  const bool pdl = major >= 9 && pdl_enabled && !pdl_loss;
   if (major < 9) {  // thread-block clusters: sm_90+
     p.cluster_max_t = 0;
     p.select_split = 0;
