@@ -376,20 +376,40 @@ def kernel_names(kernel, logits, k):
 
 
 @NEEDS_CLUSTERS
-def test_select_split_runs_where_chosen(kernel, monkeypatch):
-    """The split kernel really runs (forced and automatic), and the knob 0 turns it off."""
+def test_select_kernels_run_where_chosen(kernel, monkeypatch):
+    """Which select runs: a forced split (knob 2/4/8) runs the split kernel; automatic: the
+    W-warp select from T = 1025 to 4096 (v16), one block per expert (radix) above; knob 0
+    never splits."""
     logits = random_logits(4096, 128, torch.bfloat16)
     monkeypatch.setenv(SPLIT_KNOB, "4")
     assert "select_split" in kernel_names(kernel, logits, 8)
     monkeypatch.delenv(SPLIT_KNOB)
-    assert "select_split" in kernel_names(kernel, random_logits(2048, 60, torch.bfloat16), 4)
-    # automatic: only few experts (E * 8 <= 4 x SMs); the split lost at E = 128 (v8) and,
-    # once one block's loads were batched (v12), from T = 4096
-    assert "select_split" not in kernel_names(kernel, logits, 8)
-    assert "select_split" not in kernel_names(kernel, random_logits(16384, 60, torch.bfloat16), 4)
+    names = kernel_names(kernel, random_logits(2048, 60, torch.bfloat16), 4)
+    assert "block_select" in names and "select_split" not in names
+    assert "block_select" in kernel_names(kernel, logits, 8)
+    names = kernel_names(kernel, random_logits(16384, 60, torch.bfloat16), 4)
+    assert "select_radix" in names and "select_split" not in names
     monkeypatch.setenv(SPLIT_KNOB, "0")
-    names = kernel_names(kernel, logits, 8)
+    names = kernel_names(kernel, random_logits(8192, 128, torch.bfloat16), 8)
     assert "select_split" not in names and "select_radix" in names
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "nan_pad"])
+@pytest.mark.parametrize("E,k", [(60, 4), (256, 8), (512, 10)])
+@pytest.mark.parametrize("T", [1025, 2048, 2049, 3000, 4096])
+def test_block_select_edges(kernel, monkeypatch, T, E, k, case):
+    """The W-warp select (v16: W = 2 up to T = 2048, 4 up to 4096) at its boundaries, against
+    the reference and, on sm_90+, bitwise against the split select (knob 2)."""
+    logits, kw = split_case_inputs(T, E, case)
+    w, ids = run_kernel(kernel, logits, k, **kw)
+    ref_w, ref_ids, _ = expert_choice_reference(logits, k, **kw)
+    assert_matches(logits, k, w, ids, ref_w, ref_ids, kw, f"block select T={T} E={E} {case}",
+                   bound_near_ties=case != "ties")
+    if torch.cuda.get_device_capability()[0] >= 9:
+        monkeypatch.setenv(SPLIT_KNOB, "2")
+        w2, ids2 = run_kernel(kernel, logits, k, **kw)
+        assert torch.equal(ids2, ids), f"T={T} E={E} {case}: ids differ from the split select"
+        assert torch.equal(w2.view(torch.int32), w.view(torch.int32)), f"T={T} E={E} {case}: weights differ"
 
 
 @pytest.mark.parametrize("split", [None, "8"])

@@ -45,7 +45,7 @@ MAX_EXPERTS = 1024
 MAX_TOP_K = 32
 FUSED_MAX_DEFAULT = 16384  # largest T * E routed in one launch (T <= 32, E <= 512)
 CLUSTER_MAX_T_DEFAULT = 256  # largest T routed by the one-cluster launch (sm_90+; at most 256)
-SELECT_SPLIT_AUTO = -1  # blocks per expert of the large-T radix select: chosen by the kernel (sm_90+)
+SELECT_SPLIT_AUTO = -1  # blocks per expert of the large-T select: the kernel's choice (one, since v16)
 ROW_MAX_T_DEFAULT = 16  # largest T routed by one block per row (T > 1: one cluster of T blocks, sm_90+,
                         # E > 64 or T >= 12)
 RANK_MAX_DEFAULT = 256  # the one-cluster kernel where its ranks take at most this many compares per thread
@@ -194,9 +194,9 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
     Knobs, read per call: SGL_ECPATCH_KERNEL_PDL=0 (no programmatic dependent launch),
     SGL_ECPATCH_KERNEL_FUSED_MAX (largest T * E of the one-launch path),
     SGL_ECPATCH_KERNEL_CLUSTER_MAX_T (largest T of the one-cluster path on sm_90+; 0: off),
-    SGL_ECPATCH_KERNEL_SELECT_SPLIT (blocks per expert of the large-T radix select on
-    sm_90+, a thread-block cluster: unset = chosen from E, T and the SM count; 0 or 1 =
-    one block per expert; 2, 4 or 8 = that many, raised where a slice would not fit),
+    SGL_ECPATCH_KERNEL_SELECT_SPLIT (blocks per expert of the large-T select on sm_90+,
+    a thread-block cluster: unset, 0 or 1 = one block per expert, which measured faster
+    everywhere since v16; 2, 4 or 8 = that many, raised where a slice would not fit),
     SGL_ECPATCH_KERNEL_ROW_MAX_T (largest T routed by one block per row: T = 1 as one
     block, up to 16 on sm_90+ as one cluster of T blocks; 0: off),
     SGL_ECPATCH_KERNEL_RANK_MAX (the one-cluster path where its ranks take at most this

@@ -31,9 +31,10 @@
 //     E = 128 to T = 128, E = 256 to T = 85, E = 512 to T = 64): cluster_route (one
 //     cluster of 16 blocks, one launch)
 //   T <= 1024:   keys (stats, keys transposed) -> warp_select -> token_route
+//   T <= 4096:   keys -> block_select (one block of T / 1024 warps per expert) -> token_route
 //   larger T:    keys -> select_radix (one block per expert) -> token_route
-//                (sm_90+, T < 4096: select_split, a cluster of B = 2-8 blocks per
-//                expert, where E * B fills the chip; SGL_ECPATCH_KERNEL_SELECT_SPLIT)
+//                (sm_90+, only where SGL_ECPATCH_KERNEL_SELECT_SPLIT forces it:
+//                select_split, a cluster of B = 2, 4 or 8 blocks per expert)
 //   (T*E > 2^24: no transposed keys; select_radix gathers its column)
 // The second and third launches use programmatic dependent launch on sm_90+.
 // Every reduction has a fixed order and histograms use integer atomics only, so the
@@ -161,7 +162,7 @@ struct Params {
   int select_split;    // blocks per expert of the radix select: -1 automatic, 0/1 off, 2/4/8 (sm_90+)
   int row_max_t;       // largest T for the block-per-row path (0: off; above 1: sm_90+ clusters)
   int rank_max;        // kernel C where its ranks take at most this many compares per thread (0: off)
-  int num_sms;         // host only: the device's SM count (select split and block size)
+  int num_sms;         // host only: the device's SM count (select_radix's block size)
   int screen;          // token kernel: screen rows before exact scores (softmax, "drop"; v13)
   float2* stats;       // [T] (m, s) of softmax rows; null: recompute per row
   uint32_t* keys_t;    // [E, T] ordered keys, transposed; null: select gathers them
@@ -432,6 +433,108 @@ __global__ void __launch_bounds__(kWarpSelectWarps * 32) warp_select_kernel(Para
   }
 }
 
+// Kernel 2a' (1024 < T <= 4096, v16): the warp select's bisection with W warps per expert
+// (one block of W warps, W = ceil(T / 1024)). Warp w holds tokens w * 32 KPL + lane + 32 i
+// in registers, so token order is (warp, i, lane). Each round, every warp counts its keys
+// >= the candidate with carries and one redux.sync, writes the count into a
+// double-buffered slot, and after one __syncthreads every warp sums the W counts and takes
+// the same decision (a warp only writes a round's slot again two rounds later, behind the
+// next round's barrier, which every warp reaches only after reading). Ties as in the warp
+// select: the `need`-th lowest token among the keys equal to the threshold, found by the
+// one warp whose share of those keys holds it. Thresholds: the same integers as every
+// other select (the C-th largest (key, -token) pair).
+constexpr int kBlockSelectMaxT = 4096;  // W = 4 warps of 32 keys a lane
+
+template <int KPL, int W>
+__global__ void __launch_bounds__(W * 32) block_select_kernel(Params p) {
+  __shared__ int scnt[2][W];
+  __shared__ uint32_t slo[W], shi[W];
+  __shared__ int sgt[W], seq[W];
+  allow_dependents();
+  wait_for_predecessor();  // before any exit: our completion must imply keys_kernel's
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int e = blockIdx.x;
+  const int n = read_n(p);
+  const int C = capacity(p, n);
+  if (trivial_threshold(p, e, n, C)) return;  // uniform per block
+  const uint32_t* col = p.keys_t + static_cast<long long>(e) * p.T;
+  const int base = warp * 32 * KPL + lane;
+  uint32_t key[KPL];
+  uint32_t lo = 0xffffffffu, hi = 0u;
+#pragma unroll
+  for (int i = 0; i < KPL; ++i) {
+    const int t = base + 32 * i;
+    const uint32_t kv = __ldg(col + (t < n ? t : 0));
+    key[i] = t < n ? kv : 0u;
+    lo = t < n ? min(lo, kv) : lo;
+    hi = t < n ? max(hi, kv) : hi;
+  }
+  warp_min_max(lo, hi);
+  if (lane == 0) {
+    slo[warp] = lo;
+    shi[warp] = hi;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int w = 0; w < W; ++w) {
+    lo = min(lo, slo[w]);
+    hi = max(hi, shi[w]);
+  }
+  const int bits = bits_below_prefix(lo, hi);
+  uint32_t v = lo & prefix_mask(bits);  // the bits all keys share
+  for (int b = bits - 1; b >= 0; --b) {
+    const uint32_t cand = v | (1u << b);
+    const uint32_t nk = ~(cand - 1u);  // key >= cand as a carry (absent keys are 0 < cand)
+    unsigned c0 = 0u, c1 = 0u;
+#pragma unroll
+    for (int i = 0; i < KPL; i += 2) {
+      c0 = count_gt(c0, key[i], nk);
+      if (i + 1 < KPL) c1 = count_gt(c1, key[i + 1], nk);
+    }
+    const int c = warp_add(static_cast<int>(c0 + c1));
+    if (lane == 0) scnt[b & 1][warp] = c;
+    __syncthreads();
+    int total = 0;
+#pragma unroll
+    for (int w = 0; w < W; ++w) total += scnt[b & 1][w];
+    if (total >= C) v = cand;
+  }
+  int greater = 0, eq = 0;
+#pragma unroll
+  for (int i = 0; i < KPL; ++i) {
+    const bool valid = base + 32 * i < n;
+    greater += valid && key[i] > v;
+    eq += valid && key[i] == v;
+  }
+  greater = warp_add(greater);
+  eq = warp_add(eq);
+  if (lane == 0) {
+    sgt[warp] = greater;
+    seq[warp] = eq;
+  }
+  __syncthreads();
+  int need = C;  // >= 1 keys equal to v still to take, lowest token first
+#pragma unroll
+  for (int w = 0; w < W; ++w) need -= sgt[w] + (w < warp ? seq[w] : 0);
+  if (need < 1 || need > eq) return;  // uniform per warp: exactly one warp goes on
+  const unsigned lt_mask = (1u << lane) - 1u;
+#pragma unroll
+  for (int i = 0; i < KPL; ++i) {
+    const bool is_eq = base + 32 * i < n && key[i] == v;
+    const unsigned bal = __ballot_sync(kFull, is_eq);
+    const int c = __popc(bal);
+    if (need <= c) {
+      const unsigned who = __ballot_sync(kFull, is_eq && __popc(bal & lt_mask) == need - 1);
+      if (lane == 0) {
+        p.thr_key[e] = v;
+        p.thr_tok[e] = warp * 32 * KPL + 32 * i + __ffs(who) - 1;
+      }
+      return;
+    }
+    need -= c;
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Kernel 2b (large T): one block per expert, radix select on the column's keys.
 // The column comes from keys_t (contiguous) or, where that workspace would be too
@@ -667,11 +770,6 @@ constexpr int kSplitThreads = 256;
 constexpr int kSplitBits = 8;  // 256 bins: one per thread
 constexpr int kSplitMaxB = 8;  // portable cluster sizes only
 constexpr int kSplitSmemKeysMax = 32768;  // 128 KiB slice per block
-constexpr int kSplitMinKeys = 1024;        // automatic B keeps at least this many tokens per block
-// Automatic split only below this T (v12): once select_radix's loads were batched, one
-// block per expert beat the split at E = 60/64 from T = 4096 (19.0 vs 19.5-20.6 µs) and at
-// T = 16384 (34.5 vs 39.2-41.1); the split still wins at T = 2048 (15.4 vs 20.7, H200).
-constexpr int kSplitAutoBelowT = 4096;
 
 __global__ void __launch_bounds__(kSplitThreads) select_split_kernel(Params p, int B, int S) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -1776,26 +1874,14 @@ bool launch_cluster(const Params& p, cudaStream_t stream, cudaError_t& err) {
   return launch_cluster_nb<DT, VPL, 16>(p, stream, err) || launch_cluster_nb<DT, VPL, 8>(p, stream, err);
 }
 
-// Blocks per expert of the radix select (kernel 2c), 1 for kernel 2b. Automatic: only
-// where E * 8 <= 4 x the SM count (E <= 66 on 132 SMs: measured on the H200, v8, the
-// split lost at E = 128 and 256), the largest B in {8, 4, 2} with T / B >= kSplitMinKeys;
-// a forced B is raised until the slice fits kSplitSmemKeysMax.
+// Blocks per expert of the radix select (kernel 2c), 1 for kernel 2b. Only where the knob
+// forces it (2, 4 or 8; raised until the slice fits kSplitSmemKeysMax). The automatic
+// choice (v8: E <= 66, T / B >= 1024) lost its last points in session 5: one block per
+// expert won from T = 4096 once its loads were batched (v12), and the W-warp select won
+// below (v16: E = 60 T = 2048 14.4 vs 15.4 µs; at T = 3000 the split read 30.9, H200).
 inline int split_blocks(const Params& p) {
-  if (p.keys_t == nullptr || (p.select_split >= 0 && p.select_split <= 1)) return 1;
-  int B = 1;
-  if (p.select_split < 0) {
-    if (static_cast<long long>(p.E) * kSplitMaxB > 4LL * p.num_sms) return 1;
-    if (p.T >= kSplitAutoBelowT) return 1;
-    for (int c = kSplitMaxB; c >= 2; c >>= 1) {
-      if (p.T / c >= kSplitMinKeys) {
-        B = c;
-        break;
-      }
-    }
-    if (B == 1) return 1;
-  } else {
-    B = p.select_split >= 8 ? 8 : p.select_split >= 4 ? 4 : 2;
-  }
+  if (p.keys_t == nullptr || p.select_split < 2) return 1;
+  int B = p.select_split >= 8 ? 8 : p.select_split >= 4 ? 4 : 2;
   while (B < kSplitMaxB && (p.T + B - 1) / B > kSplitSmemKeysMax) B *= 2;
   return (p.T + B - 1) / B > kSplitSmemKeysMax ? 1 : B;
 }
@@ -1871,6 +1957,13 @@ cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
     return launch(token_route_kernel<DT, VPL>, token_grid, kTokenWarps * 32, 0, stream, pdl, p);
   }
   const int split = split_blocks(p);
+  // v16: W warps per expert up to T = 4096, unless a split is forced by the knob (tests)
+  if (p.keys_t != nullptr && p.T <= kBlockSelectMaxT && p.select_split < 2) {
+    if (p.T <= 2048) err = launch(block_select_kernel<32, 2>, p.E, 64, 0, stream, pdl, p);
+    else err = launch(block_select_kernel<32, 4>, p.E, 128, 0, stream, pdl, p);
+    if (err != cudaSuccess) return err;
+    return launch(token_route_kernel<DT, VPL>, token_grid, kTokenWarps * 32, 0, stream, pdl, p);
+  }
   if (split > 1 && launch_select_split(p, split, stream, pdl, err)) {
     if (err != cudaSuccess) return err;
     return launch(token_route_kernel<DT, VPL>, token_grid, kTokenWarps * 32, 0, stream, pdl, p);
