@@ -31,7 +31,7 @@
 //     E = 128 to T = 128, E = 256 to T = 85, E = 512 to T = 64): cluster_route (one
 //     cluster of 16 blocks, one launch)
 //   T <= 1024:   keys (stats, keys transposed) -> warp_select -> token_route
-//   T <= 4096:   keys -> block_select (one block of T / 1024 warps per expert) -> token_route
+//   T <= 4096:   keys -> block_select (one block of 2 or 4 warps per expert) -> token_route
 //   larger T:    keys -> select_radix (one block per expert) -> token_route
 //                (sm_90+, only where SGL_ECPATCH_KERNEL_SELECT_SPLIT forces it:
 //                select_split, a cluster of B = 2, 4 or 8 blocks per expert)
@@ -159,7 +159,7 @@ struct Params {
   int renorm;
   int fused_max;       // largest T * E for the one-launch path
   int cluster_max_t;   // largest T for the one-cluster path (0: off; sm_90+ only)
-  int select_split;    // blocks per expert of the radix select: -1 automatic, 0/1 off, 2/4/8 (sm_90+)
+  int select_split;    // blocks per expert of the large-T select: -1 (unset), 0, 1 one; 2/4/8 forced (sm_90+)
   int row_max_t;       // largest T for the block-per-row path (0: off; above 1: sm_90+ clusters)
   int rank_max;        // kernel C where its ranks take at most this many compares per thread (0: off)
   int num_sms;         // host only: the device's SM count (select_radix's block size)
@@ -434,7 +434,7 @@ __global__ void __launch_bounds__(kWarpSelectWarps * 32) warp_select_kernel(Para
 }
 
 // Kernel 2a' (1024 < T <= 4096, v16): the warp select's bisection with W warps per expert
-// (one block of W warps, W = ceil(T / 1024)). Warp w holds tokens w * 32 KPL + lane + 32 i
+// (one block of W warps: W = 2 up to T = 2048, else 4; 32 keys a lane). Warp w holds tokens w * 32 KPL + lane + 32 i
 // in registers, so token order is (warp, i, lane). Each round, every warp counts its keys
 // >= the candidate with carries and one redux.sync, writes the count into a
 // double-buffered slot, and after one __syncthreads every warp sums the W counts and takes
@@ -443,7 +443,7 @@ __global__ void __launch_bounds__(kWarpSelectWarps * 32) warp_select_kernel(Para
 // select: the `need`-th lowest token among the keys equal to the threshold, found by the
 // one warp whose share of those keys holds it. Thresholds: the same integers as every
 // other select (the C-th largest (key, -token) pair).
-constexpr int kBlockSelectMaxT = 4096;  // W = 4 warps of 32 keys a lane
+constexpr int kBlockSelectMaxT = 4096;  // W = 4 warps of 32 keys a lane (v16: W = 16 at 16384 lost)
 
 template <int KPL, int W>
 __global__ void __launch_bounds__(W * 32) block_select_kernel(Params p) {
@@ -1121,7 +1121,6 @@ __device__ __forceinline__ void write_padding_row(const Params& p, int t, int la
   }
 }
 
-// The inverse of okey for numbers: the float with that order key (NaN for key 0).
 // v13, token kernel, softmax with fill "drop" (the default): most of a row's experts are
 // far below their threshold, and only the experts that chose the token are used, so the
 // row is first screened with an upper bound of each key that needs no exact exp or
