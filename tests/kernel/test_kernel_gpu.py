@@ -214,7 +214,7 @@ def test_quantised_logits_ties(kernel, T, levels):
                        bound_near_ties=False)
 
 
-@pytest.mark.parametrize("T", [8, 64, 200, 1024, 3000])  # 1024, 3000: the token kernel's screen too
+@pytest.mark.parametrize("T", [8, 64, 200, 1024, 3000])  # 1024, 3000: the three launches too
 def test_nan_and_inf_rows(kernel, T):
     logits = random_logits(T, 64, torch.float32)
     logits[1] = float("nan")                 # all-NaN row
@@ -229,11 +229,12 @@ def test_nan_and_inf_rows(kernel, T):
 
 
 @pytest.mark.parametrize("case", ["underflow", "bias", "one_valid", "wide_bias"])
-@pytest.mark.parametrize("E,k", [(60, 4), (128, 8), (512, 10), (1000, 32)])
-@pytest.mark.parametrize("T", [1024, 3000])
+@pytest.mark.parametrize("T,E,k", [(1024, 60, 4), (16384, 128, 8), (8192, 256, 8), (4096, 512, 10),
+                                   (3000, 1000, 32)])
 def test_token_screen_edges(kernel, T, E, k, case):
     """The token kernel screens a row with an upper bound of each key before the exact
-    scores (v13: softmax, fill "drop", the three-launch path). Inputs at the bound's edges:
+    scores (v13: softmax, fill "drop", where E >= 128 and T * E >= 2^21; the first size is
+    below that, the unscreened path on the same inputs). Inputs at the bound's edges:
     scores that underflow (exp flushed to zero in the bound), biases that dominate the
     scores, and one valid row (C = n: every expert chooses it, more than 32 pass, the
     unscreened path takes over)."""

@@ -2103,12 +2103,12 @@ int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bia
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   int major = 0;
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  // PDL: on except where it measured a loss: 1024 < T < 4096 with 128 <= E < 512 (T = 2048:
-  // E = 128 / 256 18.3 / 23.1 µs without, 19.9 / 24.1 with; session 5 call 7, H200). v15
-  // turned it on from T = 4096 with E <= 256 too (off since v5): -0.4 to -2.5 µs there
-  // now (E = 60 T = 16384 32.3 -> 30.0), except E = 128 T = 4096 (+0.7).
-  const bool pdl_loss = E >= 128 && E < 512 && T > 1024 && T < 4096;
-  const bool pdl = major >= 9 && pdl_enabled && !pdl_loss;
+  // PDL on sm_90+ at every size. v5-v14 turned it off at T = 4096 with E <= 256, and v15 at
+  // 1024 < T < 4096 with 128 <= E < 512, each where it then measured a loss; after v15/v16
+  // (one block per expert with batched loads, the W-warp select) it measured no loss
+  // anywhere (session 5, calls 7 and 12, H200: e.g. E = 60 T = 16384 32.3 -> 30.0 µs,
+  // E = 128 T = 2048 16.6 -> 15.4).
+  const bool pdl = major >= 9 && pdl_enabled;
   if (major < 9) {  // thread-block clusters: sm_90+
     p.cluster_max_t = 0;
     p.select_split = 0;
