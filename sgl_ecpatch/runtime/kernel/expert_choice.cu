@@ -359,6 +359,24 @@ __device__ __forceinline__ void warp_min_max(uint32_t& lo, uint32_t& hi) {
 #endif
 }
 
+// Ties: the position 32 i + lane (i < KPL) of the need-th key equal to v in that order,
+// counting only positions below `valid` (1 <= need; -1 if there are fewer): one ballot
+// per i, and one more where the need-th is found. Used by the warp and block selects,
+// whose lanes hold tokens (first + lane + 32 i).
+template <int KPL>
+__device__ __forceinline__ int nth_equal(const uint32_t (&key)[KPL], uint32_t v, int valid, int need, int lane) {
+  const unsigned lt_mask = (1u << lane) - 1u;
+#pragma unroll
+  for (int i = 0; i < KPL; ++i) {
+    const bool eq = lane + 32 * i < valid && key[i] == v;
+    const unsigned bal = __ballot_sync(kFull, eq);
+    const int c = __popc(bal);
+    if (need <= c) return 32 * i + __ffs(__ballot_sync(kFull, eq && __popc(bal & lt_mask) == need - 1)) - 1;
+    need -= c;
+  }
+  return -1;
+}
+
 // The C-th largest (key, -token) of a column of n keys, load(t) for t < n <= 32 * KPL
 // (0 < C < n), found by one warp: lane l holds tokens l + 32 i; the bits every key
 // shares are skipped, then one round per bit below them (largest v with
@@ -395,22 +413,9 @@ __device__ __forceinline__ void warp_threshold(LoadFn load, int n, int C, int la
   int greater = 0;
 #pragma unroll
   for (int i = 0; i < KPL; ++i) greater += (lane + 32 * i < n) && key[i] > v;
-  int need = C - warp_add(greater);  // >= 1 keys equal to v still to take, lowest t first
-  int tstar = -1;
-  const unsigned lt_mask = (1u << lane) - 1u;
-#pragma unroll
-  for (int i = 0; i < KPL; ++i) {
-    const bool eq = (lane + 32 * i < n) && key[i] == v;
-    const unsigned bal = __ballot_sync(kFull, eq);
-    const int c = __popc(bal);
-    if (tstar < 0 && need <= c) {
-      const unsigned who = __ballot_sync(kFull, eq && __popc(bal & lt_mask) == need - 1);
-      tstar = 32 * i + __ffs(who) - 1;
-    }
-    if (tstar < 0) need -= c;
-  }
+  const int need = C - warp_add(greater);  // >= 1 keys equal to v still to take, lowest t first
   v_out = v;
-  tstar_out = tstar;
+  tstar_out = nth_equal<KPL>(key, v, n, need, lane);
 }
 
 template <int KPL>
@@ -517,21 +522,11 @@ __global__ void __launch_bounds__(W * 32) block_select_kernel(Params p) {
 #pragma unroll
   for (int w = 0; w < W; ++w) need -= sgt[w] + (w < warp ? seq[w] : 0);
   if (need < 1 || need > eq) return;  // uniform per warp: exactly one warp goes on
-  const unsigned lt_mask = (1u << lane) - 1u;
-#pragma unroll
-  for (int i = 0; i < KPL; ++i) {
-    const bool is_eq = base + 32 * i < n && key[i] == v;
-    const unsigned bal = __ballot_sync(kFull, is_eq);
-    const int c = __popc(bal);
-    if (need <= c) {
-      const unsigned who = __ballot_sync(kFull, is_eq && __popc(bal & lt_mask) == need - 1);
-      if (lane == 0) {
-        p.thr_key[e] = v;
-        p.thr_tok[e] = warp * 32 * KPL + 32 * i + __ffs(who) - 1;
-      }
-      return;
-    }
-    need -= c;
+  const int first = warp * 32 * KPL;
+  const int at = nth_equal<KPL>(key, v, n - first, need, lane);
+  if (lane == 0) {
+    p.thr_key[e] = v;
+    p.thr_tok[e] = first + at;
   }
 }
 
