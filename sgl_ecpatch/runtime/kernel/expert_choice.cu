@@ -359,6 +359,39 @@ __device__ __forceinline__ void warp_min_max(uint32_t& lo, uint32_t& hi) {
 #endif
 }
 
+// A lane's KPL keys of a column: tokens first + lane + 32 i below n (0 from n on), every
+// load issued before the first use (clamped indices); lo and hi: the lane's min and max of
+// the valid ones. The warp and block selects load their columns with it.
+template <int KPL>
+__device__ __forceinline__ void load_column_keys(const uint32_t* col, int first, int n, int lane, uint32_t (&key)[KPL],
+                                                 uint32_t& lo, uint32_t& hi) {
+  lo = 0xffffffffu;
+  hi = 0u;
+#pragma unroll
+  for (int i = 0; i < KPL; ++i) {
+    const int t = first + lane + 32 * i;
+    const uint32_t kv = __ldg(col + (t < n ? t : 0));
+    key[i] = t < n ? kv : 0u;
+    lo = t < n ? min(lo, kv) : lo;
+    hi = t < n ? max(hi, kv) : hi;
+  }
+}
+
+// count(key[i] >= cand) over a lane's KPL keys (cand >= 1, so the absent keys, 0, never
+// count): key >= cand is the carry of key + ~(cand - 1) (count_gt, v12: 1.5 instructions a
+// compare), in two chains. One bisection round of the warp and block selects.
+template <int KPL>
+__device__ __forceinline__ unsigned count_ge(const uint32_t (&key)[KPL], uint32_t cand) {
+  const uint32_t nk = ~(cand - 1u);
+  unsigned c0 = 0u, c1 = 0u;
+#pragma unroll
+  for (int i = 0; i < KPL; i += 2) {
+    c0 = count_gt(c0, key[i], nk);
+    if (i + 1 < KPL) c1 = count_gt(c1, key[i + 1], nk);
+  }
+  return c0 + c1;
+}
+
 // Ties: the position 32 i + lane (i < KPL) of the need-th key equal to v in that order,
 // counting only positions below `valid` (1 <= need; -1 if there are fewer): one ballot
 // per i, and one more where the need-th is found. Used by the warp and block selects,
@@ -377,38 +410,23 @@ __device__ __forceinline__ int nth_equal(const uint32_t (&key)[KPL], uint32_t v,
   return -1;
 }
 
-// The C-th largest (key, -token) of a column of n keys, load(t) for t < n <= 32 * KPL
+// The C-th largest (key, -token) of a column of n keys, col[t] for t < n <= 32 * KPL
 // (0 < C < n), found by one warp: lane l holds tokens l + 32 i; the bits every key
 // shares are skipped, then one round per bit below them (largest v with
 // count(key >= v) >= C); ties go to the lowest token indices among the keys equal to v,
-// by ballots in index order. All loads are issued before the first use (clamped indices).
-template <int KPL, typename LoadFn>
-__device__ __forceinline__ void warp_threshold(LoadFn load, int n, int C, int lane, uint32_t& v_out, int& tstar_out) {
+// by ballots in index order.
+template <int KPL>
+__device__ __forceinline__ void warp_threshold(const uint32_t* col, int n, int C, int lane, uint32_t& v_out,
+                                               int& tstar_out) {
   uint32_t key[KPL];
-  uint32_t lo = 0xffffffffu, hi = 0u;
-#pragma unroll
-  for (int i = 0; i < KPL; ++i) {
-    const int t = lane + 32 * i;
-    const uint32_t kv = load(t < n ? t : 0);
-    key[i] = t < n ? kv : 0u;
-    lo = t < n ? min(lo, kv) : lo;
-    hi = t < n ? max(hi, kv) : hi;
-  }
+  uint32_t lo, hi;
+  load_column_keys<KPL>(col, 0, n, lane, key, lo, hi);
   warp_min_max(lo, hi);
   const int bits = bits_below_prefix(lo, hi);
   uint32_t v = lo & prefix_mask(bits);  // the bits all keys share
   for (int b = bits - 1; b >= 0; --b) {
     const uint32_t cand = v | (1u << b);
-    // count(key >= cand) = count(key > cand - 1) as carries (v12: 1.5 instructions a
-    // compare); absent keys are 0 and cand >= 1: no validity test needed
-    const uint32_t nk = ~(cand - 1u);
-    unsigned c0 = 0u, c1 = 0u;
-#pragma unroll
-    for (int i = 0; i < KPL; i += 2) {
-      c0 = count_gt(c0, key[i], nk);
-      if (i + 1 < KPL) c1 = count_gt(c1, key[i + 1], nk);
-    }
-    if (warp_add(static_cast<int>(c0 + c1)) >= C) v = cand;
+    if (warp_add(static_cast<int>(count_ge<KPL>(key, cand))) >= C) v = cand;
   }
   int greater = 0;
 #pragma unroll
@@ -431,7 +449,7 @@ __global__ void __launch_bounds__(kWarpSelectWarps * 32) warp_select_kernel(Para
   const uint32_t* col = p.keys_t + static_cast<long long>(e) * p.T;
   uint32_t v;
   int tstar;
-  warp_threshold<KPL>([&](int t) { return __ldg(col + t); }, n, C, lane, v, tstar);
+  warp_threshold<KPL>(col, n, C, lane, v, tstar);
   if (lane == 0) {
     p.thr_key[e] = v;
     p.thr_tok[e] = tstar;
@@ -463,17 +481,10 @@ __global__ void __launch_bounds__(W * 32) block_select_kernel(Params p) {
   const int C = capacity(p, n);
   if (trivial_threshold(p, e, n, C)) return;  // uniform per block
   const uint32_t* col = p.keys_t + static_cast<long long>(e) * p.T;
-  const int base = warp * 32 * KPL + lane;
+  const int first = warp * 32 * KPL;  // this warp's tokens: first + lane + 32 i
   uint32_t key[KPL];
-  uint32_t lo = 0xffffffffu, hi = 0u;
-#pragma unroll
-  for (int i = 0; i < KPL; ++i) {
-    const int t = base + 32 * i;
-    const uint32_t kv = __ldg(col + (t < n ? t : 0));
-    key[i] = t < n ? kv : 0u;
-    lo = t < n ? min(lo, kv) : lo;
-    hi = t < n ? max(hi, kv) : hi;
-  }
+  uint32_t lo, hi;
+  load_column_keys<KPL>(col, first, n, lane, key, lo, hi);
   warp_min_max(lo, hi);
   if (lane == 0) {
     slo[warp] = lo;
@@ -489,14 +500,7 @@ __global__ void __launch_bounds__(W * 32) block_select_kernel(Params p) {
   uint32_t v = lo & prefix_mask(bits);  // the bits all keys share
   for (int b = bits - 1; b >= 0; --b) {
     const uint32_t cand = v | (1u << b);
-    const uint32_t nk = ~(cand - 1u);  // key >= cand as a carry (absent keys are 0 < cand)
-    unsigned c0 = 0u, c1 = 0u;
-#pragma unroll
-    for (int i = 0; i < KPL; i += 2) {
-      c0 = count_gt(c0, key[i], nk);
-      if (i + 1 < KPL) c1 = count_gt(c1, key[i + 1], nk);
-    }
-    const int c = warp_add(static_cast<int>(c0 + c1));
+    const int c = warp_add(static_cast<int>(count_ge<KPL>(key, cand)));
     if (lane == 0) scnt[b & 1][warp] = c;
     __syncthreads();
     int total = 0;
@@ -507,7 +511,7 @@ __global__ void __launch_bounds__(W * 32) block_select_kernel(Params p) {
   int greater = 0, eq = 0;
 #pragma unroll
   for (int i = 0; i < KPL; ++i) {
-    const bool valid = base + 32 * i < n;
+    const bool valid = first + lane + 32 * i < n;
     greater += valid && key[i] > v;
     eq += valid && key[i] == v;
   }
@@ -522,7 +526,6 @@ __global__ void __launch_bounds__(W * 32) block_select_kernel(Params p) {
 #pragma unroll
   for (int w = 0; w < W; ++w) need -= sgt[w] + (w < warp ? seq[w] : 0);
   if (need < 1 || need > eq) return;  // uniform per warp: exactly one warp goes on
-  const int first = warp * 32 * KPL;
   const int at = nth_equal<KPL>(key, v, n - first, need, lane);
   if (lane == 0) {
     p.thr_key[e] = v;
