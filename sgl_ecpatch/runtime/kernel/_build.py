@@ -269,7 +269,7 @@ def open_library(path: Path):
         c.c_void_p, c.c_void_p, c.c_void_p,  # workspace, out_w, out_id
         c.c_int, c.c_void_p, c.c_int, c.c_int,  # device, stream, PDL allowed, fused max T*E
         c.c_int,  # largest T of the one-cluster path
-        c.c_int,  # blocks per expert of the large-T select (-1 automatic, 0/1 off, 2/4/8)
+        c.c_int,  # blocks per expert of the large-T select (-1, 0 or 1: one; 2/4/8: forced)
         c.c_int,  # largest T of the block-per-row path (0: off)
         c.c_int,  # most compares per thread of the one-cluster path's rank form (0: off)
     ]

@@ -1954,8 +1954,8 @@ cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
     return launch(token_route_kernel<DT, VPL>, token_grid, kTokenWarps * 32, 0, stream, pdl, p);
   }
   const int split = split_blocks(p);
-  // v16: W warps per expert up to T = 4096, unless a split is forced by the knob (tests)
-  if (p.keys_t != nullptr && p.T <= kBlockSelectMaxT && p.select_split < 2) {
+  // v16: W warps per expert up to T = 4096, unless the knob forces a split (tests)
+  if (p.keys_t != nullptr && p.T <= kBlockSelectMaxT && split == 1) {
     if (p.T <= 2048) err = launch(block_select_kernel<32, 2>, p.E, 64, 0, stream, pdl, p);
     else err = launch(block_select_kernel<32, 4>, p.E, 128, 0, stream, pdl, p);
     if (err != cudaSuccess) return err;
@@ -2050,8 +2050,8 @@ const char* ec_error_string(int code) {
 // kernels start early (programmatic dependent launch, sm_90+); `fused_max` is the
 // largest T * E routed by the one-launch kernel; `cluster_max_t` the largest T routed
 // by the one-cluster kernel (sm_90+, T <= 256; 0 turns it off);
-// `select_split` the blocks per expert of the large-T radix select (sm_90+: -1 chooses,
-// 0 or 1 is one block, 2/4/8 a cluster of that many); `row_max_t` the largest T routed
+// `select_split` the blocks per expert of the large-T select (sm_90+: -1, 0 or 1 is one
+// block, 2/4/8 forces a cluster of that many); `row_max_t` the largest T routed
 // by one block per row (T = 1: one block; up to 16 on sm_90+ with E > 64 or from T = 12:
 // one cluster of T blocks; 0 turns it off); `rank_max` the most compares per thread of the
 // one-cluster kernel's ranks (above, and at 0, it is not used). Returns 0 or an error
