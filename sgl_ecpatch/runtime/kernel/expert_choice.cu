@@ -392,6 +392,22 @@ __device__ __forceinline__ unsigned count_ge(const uint32_t (&key)[KPL], uint32_
   return c0 + c1;
 }
 
+// The keys next to a bisection candidate in a lane: the smallest key >= cand (all ones if
+// none) and the largest key below it (0 if none; absent keys are 0, below every cand >= 1).
+// v19: a round that counts exactly C or C - 1 keys >= cand ends the bisection, since the
+// C-th largest key is then the smallest key >= cand, or the largest one below it.
+template <int KPL>
+__device__ __forceinline__ void keys_around(const uint32_t (&key)[KPL], uint32_t cand, uint32_t& above,
+                                            uint32_t& below) {
+  above = 0xffffffffu;
+  below = 0u;
+#pragma unroll
+  for (int i = 0; i < KPL; ++i) {
+    above = key[i] >= cand ? min(above, key[i]) : above;
+    below = key[i] < cand ? max(below, key[i]) : below;
+  }
+}
+
 // Ties: the position 32 i + lane (i < KPL) of the need-th key equal to v in that order,
 // counting only positions below `valid` (1 <= need; -1 if there are fewer): one ballot
 // per i, and one more where the need-th is found. Used by the warp and block selects,
@@ -413,7 +429,8 @@ __device__ __forceinline__ int nth_equal(const uint32_t (&key)[KPL], uint32_t v,
 // The C-th largest (key, -token) of a column of n keys, col[t] for t < n <= 32 * KPL
 // (0 < C < n), found by one warp: lane l holds tokens l + 32 i; the bits every key
 // shares are skipped, then one round per bit below them (largest v with
-// count(key >= v) >= C); ties go to the lowest token indices among the keys equal to v,
+// count(key >= v) >= C), until a round counts C or C - 1 keys >= its candidate (v19:
+// 9-13 rounds on average instead of ~28 for softmax keys of random logits); ties go to the lowest token indices among the keys equal to v,
 // by ballots in index order.
 template <int KPL>
 __device__ __forceinline__ void warp_threshold(const uint32_t* col, int n, int C, int lane, uint32_t& v_out,
@@ -426,7 +443,15 @@ __device__ __forceinline__ void warp_threshold(const uint32_t* col, int n, int C
   uint32_t v = lo & prefix_mask(bits);  // the bits all keys share
   for (int b = bits - 1; b >= 0; --b) {
     const uint32_t cand = v | (1u << b);
-    if (warp_add(static_cast<int>(count_ge<KPL>(key, cand))) >= C) v = cand;
+    const int c = warp_add(static_cast<int>(count_ge<KPL>(key, cand)));
+    if (c >= C) v = cand;
+    if (c == C || c == C - 1) {  // v19: the C-th largest key is next to cand
+      uint32_t above, below;
+      keys_around<KPL>(key, cand, above, below);
+      warp_min_max(above, below);
+      v = c == C ? above : below;
+      break;
+    }
   }
   int greater = 0;
 #pragma unroll
@@ -462,8 +487,9 @@ __global__ void __launch_bounds__(kWarpSelectWarps * 32) warp_select_kernel(Para
 // >= the candidate with carries and one redux.sync, writes the count into a
 // double-buffered slot, and after one __syncthreads every warp sums the W counts and takes
 // the same decision (a warp only writes a round's slot again two rounds later, behind the
-// next round's barrier, which every warp reaches only after reading). Ties as in the warp
-// select: the `need`-th lowest token among the keys equal to the threshold, found by the
+// next round's barrier, which every warp reaches only after reading). The rounds end early
+// as in the warp select (v19), with one more barrier for the block's keys next to the
+// candidate. Ties as in the warp select: the `need`-th lowest token among the keys equal to the threshold, found by the
 // one warp whose share of those keys holds it. Thresholds: the same integers as every
 // other select (the C-th largest (key, -token) pair).
 constexpr int kBlockSelectMaxT = 4096;  // W = 4 warps of 32 keys a lane (v16: W = 16 at 16384 lost)
@@ -507,6 +533,26 @@ __global__ void __launch_bounds__(W * 32) block_select_kernel(Params p) {
 #pragma unroll
     for (int w = 0; w < W; ++w) total += scnt[b & 1][w];
     if (total >= C) v = cand;
+    if (total == C || total == C - 1) {  // v19, as in warp_threshold; uniform per block
+      // slo and shi were last read before this round's barrier
+      uint32_t above, below;
+      keys_around<KPL>(key, cand, above, below);
+      warp_min_max(above, below);
+      if (lane == 0) {
+        slo[warp] = above;
+        shi[warp] = below;
+      }
+      __syncthreads();
+      above = 0xffffffffu;
+      below = 0u;
+#pragma unroll
+      for (int w = 0; w < W; ++w) {
+        above = min(above, slo[w]);
+        below = max(below, shi[w]);
+      }
+      v = total == C ? above : below;
+      break;
+    }
   }
   int greater = 0, eq = 0;
 #pragma unroll
