@@ -589,3 +589,44 @@ def test_many_experts_choose_each_token(kernel, T, E, k, fill):
             logits[T // 2:] = logits[0]
         for n in (None, torch.tensor(max(T - 3, 0), device="cuda")):
             check(kernel, logits, k, f"E={E} T={T} k={k} {fill} {mode} n={n}", fill=fill, num_token_non_padded=n)
+
+
+SMEM_KNOB = "SGL_ECPATCH_KERNEL_SMEM_LIMIT"
+SMALLER_CARDS = {"sm_75": 65536, "sm_86/89": 101376}  # shared memory a block may opt into
+
+
+def as_smaller_card(monkeypatch, limit):
+    """The knobs of a card without thread-block clusters and with `limit` bytes of shared
+    memory a block (what the host sets itself below sm_90: no cluster, one-block rows only
+    at T = 1, no split select)."""
+    monkeypatch.setenv("SGL_ECPATCH_KERNEL_CLUSTER_MAX_T", "0")
+    monkeypatch.setenv(ROW_KNOB, "1")
+    monkeypatch.setenv(SPLIT_KNOB, "0")
+    monkeypatch.setenv(SMEM_KNOB, str(limit))
+
+
+@pytest.mark.parametrize("card", list(SMALLER_CARDS))
+@pytest.mark.parametrize("T,E,k", [(24, 512, 10), (20, 448, 8), (12, 512, 10), (32, 256, 8), (13000, 60, 4),
+                                   (20000, 128, 8)])
+def test_smaller_cards_shared_memory(kernel, monkeypatch, card, T, E, k):
+    """Shapes whose one-block path (T * E keys and scores) or the large-T select's cached
+    column (16384 keys) asked for more shared memory than sm_75 or sm_86/89 give a block
+    (the launch failed there before session 6): with the knob at those cards' limits they
+    run, match the reference and give the same bits as with the device's own limit."""
+    as_smaller_card(monkeypatch, SMALLER_CARDS[card])
+    logits, kw = knob_case_inputs(T, E, "nan_pad")
+    assert_knob_bitwise(kernel, monkeypatch, logits, k, kw, SMEM_KNOB, "0", str(SMALLER_CARDS[card]),
+                        f"{card} T={T} E={E} k={k}", bound_near_ties=True)
+
+
+def test_smaller_cards_one_block_path_where_it_fits(kernel, monkeypatch):
+    """With 99 KiB a block (sm_86/89) the one-block kernel takes E = 512 up to T = 18
+    (T * E * 8 bytes beside its 24 KiB of static scratch) and the three launches from 19."""
+    as_smaller_card(monkeypatch, SMALLER_CARDS["sm_86/89"])
+    assert "fused_small" in kernel_names(kernel, random_logits(18, 512, torch.bfloat16), 10)
+    names = kernel_names(kernel, random_logits(19, 512, torch.bfloat16), 10)
+    assert "fused_small" not in names and "token_route" in names
+    optin = getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", 0)
+    if optin >= 19 * 512 * 8 + 24576:  # sm_80, sm_90: the device's own limit holds 19 x 512
+        monkeypatch.setenv(SMEM_KNOB, "0")
+        assert "fused_small" in kernel_names(kernel, random_logits(19, 512, torch.bfloat16), 10)

@@ -49,11 +49,13 @@ SELECT_SPLIT_AUTO = -1  # blocks per expert of the large-T select: the kernel's 
 ROW_MAX_T_DEFAULT = 16  # largest T routed by one block per row (T > 1: one cluster of T blocks, sm_90+,
                         # E > 64 or T >= 12)
 RANK_MAX_DEFAULT = 256  # the one-cluster kernel where its ranks take at most this many compares per thread
+SMEM_LIMIT_DEFAULT = 0  # shared memory a block may have, bytes (0: the device's opt-in maximum)
 
 _DTYPE_CODES = {"torch.float32": 0, "torch.bfloat16": 1, "torch.float16": 2}
 _load_lock = threading.Lock()
 _libraries: dict = {}  # arch -> ctypes library
 _failures: dict = {}   # arch -> reason (so a broken toolchain is tried once per process)
+_fused_caps: dict = {}  # (device index, smem limit) -> largest T * E of the one-block kernel
 
 
 def supports(num_experts: int, top_k: int) -> Optional[str]:
@@ -142,6 +144,15 @@ def build_status() -> str:
         return f"CUDA kernel: status unknown ({type(exc).__name__}: {exc})"
 
 
+def _fused_cap(lib, dev_index: int, smem_limit: int) -> int:
+    """Largest T * E the one-block kernel fits in a block's shared memory on this device."""
+    key = (dev_index, smem_limit)
+    cap = _fused_caps.get(key)
+    if cap is None:
+        cap = _fused_caps[key] = int(lib.ec_fused_max_elems(dev_index, smem_limit))
+    return cap
+
+
 def _check_args(router_logits, top_k, capacity_factor, scoring_func, correction_bias, fill):
     import torch
 
@@ -201,7 +212,11 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
     block, up to 16 on sm_90+ as one cluster of T blocks; 0: off),
     SGL_ECPATCH_KERNEL_RANK_MAX (the one-cluster path where its ranks take at most this
     many compares per thread, ceil(E / 16) * T32 * T / 512 with T32 = T rounded up to 32;
-    default 256; 0: off).
+    default 256; 0: off),
+    SGL_ECPATCH_KERNEL_SMEM_LIMIT (bytes of shared memory a block may have; default and 0:
+    the device's opt-in maximum. The one-block path and the large-T select's cached column
+    are sized to it, so a lower value reproduces a smaller card's limits, e.g. 65536 for
+    sm_75 or 101376 for sm_86/89).
     Raises ValueError for bad arguments, NotImplementedError for E > 1024 or
     top_k > 32, RuntimeError when the kernel cannot be loaded or launched.
     """
@@ -273,6 +288,11 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
     select_split = int(os.environ.get("SGL_ECPATCH_KERNEL_SELECT_SPLIT", str(SELECT_SPLIT_AUTO)))
     row_max_t = int(os.environ.get("SGL_ECPATCH_KERNEL_ROW_MAX_T", str(ROW_MAX_T_DEFAULT)))
     rank_max = int(os.environ.get("SGL_ECPATCH_KERNEL_RANK_MAX", str(RANK_MAX_DEFAULT)))
+    smem_limit = int(os.environ.get("SGL_ECPATCH_KERNEL_SMEM_LIMIT", str(SMEM_LIMIT_DEFAULT)))
+    dev_index = device.index if device.index is not None else torch.cuda.current_device()
+    # the one-block path keeps T * E keys and scores in shared memory: at most what the card
+    # holds (the workspace and the launch must agree on it)
+    fused_max = min(fused_max, _fused_cap(lib, dev_index, smem_limit))
     workspace = torch.empty(int(lib.ec_workspace_bytes(num_tokens, num_experts, fused_max)), dtype=torch.uint8,
                             device=device)
     stream = torch.cuda.current_stream(device).cuda_stream
@@ -283,8 +303,8 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
         num, den,
         int(scoring_func == "sigmoid"), int(fill == "topk"), int(bool(renormalize)),
         workspace.data_ptr(), weights.data_ptr(), ids.data_ptr(),
-        device.index if device.index is not None else torch.cuda.current_device(), stream,
-        pdl, fused_max, cluster_max_t, select_split, row_max_t, rank_max,
+        dev_index, stream,
+        pdl, fused_max, cluster_max_t, select_split, row_max_t, rank_max, smem_limit,
     )
     if rc != 0:
         raise RuntimeError(f"expert-choice kernel launch failed: {lib.ec_error_string(rc).decode()}")

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).resolve().parent
 SOURCES = ("expert_choice.cu",)
-ABI_VERSION = 8  # must match ec_abi_version() in expert_choice.cu
+ABI_VERSION = 9  # must match ec_abi_version() in expert_choice.cu
 BASE_CUDA_FLAGS = ("-O3", "-lineinfo", "-std=c++17")
 LIB_STEM = "sgl_ecpatch_expert_choice"
 
@@ -257,6 +257,8 @@ def open_library(path: Path):
         raise KernelBuildError(f"{path}: C interface version {lib.ec_abi_version()}, expected {ABI_VERSION}")
     lib.ec_workspace_bytes.restype = c.c_longlong
     lib.ec_workspace_bytes.argtypes = [c.c_int, c.c_int, c.c_int]
+    lib.ec_fused_max_elems.restype = c.c_int
+    lib.ec_fused_max_elems.argtypes = [c.c_int, c.c_int]  # device, shared-memory limit (0: the device's)
     lib.ec_error_string.restype = c.c_char_p
     lib.ec_error_string.argtypes = [c.c_int]
     lib.ec_route.restype = c.c_int
@@ -272,5 +274,6 @@ def open_library(path: Path):
         c.c_int,  # blocks per expert of the large-T select (-1, 0 or 1: one; 2/4/8: forced)
         c.c_int,  # largest T of the block-per-row path (0: off)
         c.c_int,  # most compares per thread of the one-cluster path's rank form (0: off)
+        c.c_int,  # shared memory a block may have, bytes (0: the device's opt-in maximum)
     ]
     return lib

@@ -163,6 +163,7 @@ struct Params {
   int row_max_t;       // largest T for the block-per-row path (0: off; above 1: sm_90+ clusters)
   int rank_max;        // kernel C where its ranks take at most this many compares per thread (0: off)
   int num_sms;         // host only: the device's SM count (select_radix's block size)
+  int smem_limit;      // host only: bytes of shared memory a block may have (static + dynamic)
   int screen;          // token kernel: screen rows before exact scores (softmax, "drop"; v13)
   float2* stats;       // [T] (m, s) of softmax rows; null: recompute per row
   uint32_t* keys_t;    // [E, T] ordered keys, transposed; null: select gathers them
@@ -1839,6 +1840,29 @@ cudaError_t allow_smem(void (*kernel)(KArgs...), size_t smem) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
 }
 
+// A kernel's static shared memory in bytes (0 where the query fails).
+template <typename... KArgs>
+int static_smem(void (*kernel)(KArgs...)) {
+  cudaFuncAttributes fa;
+  if (cudaFuncGetAttributes(&fa, kernel) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return static_cast<int>(fa.sharedSizeBytes);
+}
+
+// The shared memory a block may have on `device`: its opt-in maximum (227 KiB on sm_90,
+// 163 on sm_80, 99 on sm_86/89, 64 on sm_75), or `limit` where that is positive and lower
+// (the SGL_ECPATCH_KERNEL_SMEM_LIMIT knob: the tests reproduce smaller cards with it).
+inline int smem_budget(int device, int limit) {
+  int optin = 0;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    cudaGetLastError();
+    optin = 48 * 1024;  // every CUDA card since Kepler
+  }
+  return limit > 0 && limit < optin ? limit : optin;
+}
+
 // Kernel C where its ranks take at most p.rank_max compares per thread (the block's
 // pairs times T, over 512 threads) and the pairs fit kRankPairs per thread.
 inline bool cluster_fits(const Params& p, int nb, int npad) {
@@ -2011,7 +2035,11 @@ cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
     if (err != cudaSuccess) return err;
     return launch(token_route_kernel<DT, VPL>, token_grid, kTokenWarps * 32, 0, stream, pdl, p);
   }
-  const int smem_keys = p.T < kSmemKeysMax ? p.T : kSmemKeysMax;
+  // the column is cached where it fits beside the histogram (session 6: 64 KiB of keys
+  // did not fit sm_75's 64 KiB a block; the keys past the cache are re-read every pass)
+  static const int radix_static = static_smem(select_radix_kernel<DT>);
+  const int cache_cap = max(0, (p.smem_limit - radix_static) / static_cast<int>(sizeof(uint32_t)));
+  const int smem_keys = min(min(p.T, kSmemKeysMax), cache_cap);
   const size_t smem = static_cast<size_t>(smem_keys) * sizeof(uint32_t);
   if ((err = cudaFuncSetAttribute(select_radix_kernel<DT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(smem))) != cudaSuccess)
@@ -2071,7 +2099,15 @@ cudaError_t launch_all(const Params& p, cudaStream_t stream, bool pdl) {
 extern "C" {
 
 // Version of this C interface; the Python side checks it after loading.
-int ec_abi_version() { return 8; }
+int ec_abi_version() { return 9; }
+
+// The largest T * E the one-block kernel (fused_small, keys and scores in shared memory)
+// takes on `device` with `smem_limit` (0: the device's maximum): the Python side lowers
+// fused_max to it (session 6: T * E = 16384 needs 152 KiB, over sm_86/89's 99 KiB).
+int ec_fused_max_elems(int device, int smem_limit) {
+  const int fixed = ec::static_smem(ec::fused_small_kernel<ec::kDtF32, 16>);  // the same for every instance
+  return max(0, (ec::smem_budget(device, smem_limit) - fixed) / static_cast<int>(2 * sizeof(uint32_t)));
+}
 
 // Bytes of device workspace for T tokens and E experts: row statistics [T], the
 // thresholds [E] twice, and outside the one-launch path (up to 2^24 elements) the
@@ -2100,13 +2136,14 @@ const char* ec_error_string(int code) {
 // block, 2/4/8 forces a cluster of that many); `row_max_t` the largest T routed
 // by one block per row (T = 1: one block; up to 16 on sm_90+ with E > 64 or from T = 12:
 // one cluster of T blocks; 0 turns it off); `rank_max` the most compares per thread of the
-// one-cluster kernel's ranks (above, and at 0, it is not used). Returns 0 or an error
-// code (see ec_error_string).
+// one-cluster kernel's ranks (above, and at 0, it is not used); `smem_limit` the shared
+// memory a block may have (0: the device's opt-in maximum). Returns 0 or an error code
+// (see ec_error_string).
 int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bias, int bias_dtype,
              const void* n_ptr, int n_is_64, long long n_host, long long cf_num, long long cf_den,
              int sigmoid, int fill_topk, int renorm, void* workspace, float* out_w, int* out_id,
              int device, void* stream, int pdl_enabled, int fused_max, int cluster_max_t,
-             int select_split, int row_max_t, int rank_max) {
+             int select_split, int row_max_t, int rank_max, int smem_limit) {
   if (E < 1 || E > ec::kMaxExperts || k < 1 || k > E || k > ec::kMaxTopK) return -1;
   if (T <= 0) return 0;
   int prev = -1;
@@ -2134,6 +2171,7 @@ int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bia
   p.row_max_t = row_max_t;
   p.rank_max = rank_max;
   p.num_sms = 0;
+  p.smem_limit = ec::smem_budget(device, smem_limit);
   p.screen = 0;
   char* ws = static_cast<char*>(workspace);
   const long long off_thr = static_cast<long long>(T) * 8;
