@@ -31,7 +31,7 @@
 //     E = 128 to T = 128, E = 256 to T = 85, E = 512 to T = 64): cluster_route (one
 //     cluster of 16 blocks, one launch)
 //   T <= 1024:   keys (stats, keys transposed) -> warp_select -> token_route
-//   T <= 4096:   keys -> block_select (one block of 2 or 4 warps per expert) -> token_route
+//   T <= 8192:   keys -> block_select (one block of 2, 4 or 8 warps per expert) -> token_route
 //   larger T:    keys -> select_radix (one block per expert) -> token_route
 //                (sm_90+, only where SGL_ECPATCH_KERNEL_SELECT_SPLIT forces it:
 //                select_split, a cluster of B = 2, 4 or 8 blocks per expert)
@@ -482,8 +482,8 @@ __global__ void __launch_bounds__(kWarpSelectWarps * 32) warp_select_kernel(Para
   }
 }
 
-// Kernel 2a' (1024 < T <= 4096, v16): the warp select's bisection with W warps per expert
-// (one block of W warps: W = 2 up to T = 2048, else 4; 32 keys a lane). Warp w holds tokens w * 32 KPL + lane + 32 i
+// Kernel 2a' (1024 < T <= 8192, v16, v20): the warp select's bisection with W warps per
+// expert (one block of W warps: W = 2 up to T = 2048, 4 up to 4096, else 8; 32 keys a lane). Warp w holds tokens w * 32 KPL + lane + 32 i
 // in registers, so token order is (warp, i, lane). Each round, every warp counts its keys
 // >= the candidate with carries and one redux.sync, writes the count into a
 // double-buffered slot, and after one __syncthreads every warp sums the W counts and takes
@@ -493,7 +493,7 @@ __global__ void __launch_bounds__(kWarpSelectWarps * 32) warp_select_kernel(Para
 // candidate. Ties as in the warp select: the `need`-th lowest token among the keys equal to the threshold, found by the
 // one warp whose share of those keys holds it. Thresholds: the same integers as every
 // other select (the C-th largest (key, -token) pair).
-constexpr int kBlockSelectMaxT = 4096;  // W = 4 warps of 32 keys a lane (v16: W = 16 at 16384 lost)
+constexpr int kBlockSelectMaxT = 8192;  // W = 8 warps of 32 keys a lane (v20; W = 16 at 16384 lost in v16 and v20)
 
 template <int KPL, int W>
 __global__ void __launch_bounds__(W * 32) block_select_kernel(Params p) {
@@ -2024,10 +2024,12 @@ cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
     return launch(token_route_kernel<DT, VPL>, token_grid, kTokenWarps * 32, 0, stream, pdl, p);
   }
   const int split = split_blocks(p);
-  // v16: W warps per expert up to T = 4096, unless the knob forces a split (tests)
+  // v16: W warps per expert up to T = 4096; v20 (with v19's early end): W = 8 to T = 8192,
+  // unless the knob forces a split (tests)
   if (p.keys_t != nullptr && p.T <= kBlockSelectMaxT && split == 1) {
     if (p.T <= 2048) err = launch(block_select_kernel<32, 2>, p.E, 64, 0, stream, pdl, p);
-    else err = launch(block_select_kernel<32, 4>, p.E, 128, 0, stream, pdl, p);
+    else if (p.T <= 4096) err = launch(block_select_kernel<32, 4>, p.E, 128, 0, stream, pdl, p);
+    else err = launch(block_select_kernel<32, 8>, p.E, 256, 0, stream, pdl, p);
     if (err != cudaSuccess) return err;
     return launch(token_route_kernel<DT, VPL>, token_grid, kTokenWarps * 32, 0, stream, pdl, p);
   }
