@@ -48,7 +48,7 @@ CLUSTER_MAX_T_DEFAULT = 256  # largest T routed by the one-cluster launch (sm_90
 SELECT_SPLIT_AUTO = -1  # blocks per expert of the large-T select: the kernel's choice (one, since v16)
 ROW_MAX_T_DEFAULT = 16  # largest T routed by one block per row (T > 1: one cluster of T blocks, sm_90+,
                         # E > 64 or T >= 12)
-RANK_MAX_DEFAULT = 256  # the one-cluster kernel where its ranks take at most this many compares per thread
+RANK_MAX_DEFAULT = 96  # the one-cluster kernel where its ranks take at most this many compares per thread
 SMEM_LIMIT_DEFAULT = 0  # shared memory a block may have, bytes (0: the device's opt-in maximum)
 
 _DTYPE_CODES = {"torch.float32": 0, "torch.bfloat16": 1, "torch.float16": 2}
@@ -194,8 +194,8 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
     per expert); on sm_90+ T <= 16 with E > 64 or T >= 12 (one cluster of T such blocks);
     T <= 32 with E <= 256 and T <= 24 with E <= 512 (one block; on sm_90+ a 16-block
     cluster first for 17 <= T <= 32); on sm_90+ T <= 256 with E <= 512 where the cluster's
-    ranks take few compares (SGL_ECPATCH_KERNEL_RANK_MAX: to T = 170 with 60 experts,
-    128 with 128, 85 with 256, 64 with 512; one 16-block cluster). Else three launches.
+    ranks take few compares (SGL_ECPATCH_KERNEL_RANK_MAX: to T = 96 with 60-64 experts,
+    64 with 128, 48 with 256, 32 with 512; one 16-block cluster). Else three launches.
 
     router_logits: [T, E] float32/bfloat16/float16 CUDA tensor (other float dtypes are
     upcast). Returns (topk_weights [T, k] float32, topk_ids [T, k] int32). Launches on
@@ -212,7 +212,7 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
     block, up to 16 on sm_90+ as one cluster of T blocks; 0: off),
     SGL_ECPATCH_KERNEL_RANK_MAX (the one-cluster path where its ranks take at most this
     many compares per thread, ceil(E / 16) * T32 * T / 512 with T32 = T rounded up to 32;
-    default 256; 0: off),
+    default 96; 0: off),
     SGL_ECPATCH_KERNEL_SMEM_LIMIT (bytes of shared memory a block may have; default and 0:
     the device's opt-in maximum. The one-block path and the large-T select's cached column
     are sized to it, so a lower value reproduces a smaller card's limits, e.g. 65536 for
