@@ -379,8 +379,8 @@ def kernel_names(kernel, logits, k):
 @NEEDS_CLUSTERS
 def test_select_kernels_run_where_chosen(kernel, monkeypatch):
     """Which select runs: a forced split (knob 2/4/8) runs the split kernel; automatic: the
-    W-warp select from T = 1025 to 8192 (v16, v20), one block per expert (radix) above;
-    knob 0 never splits."""
+    warp select up to T = 512, the W-warp select from T = 513 to 8192 (v24, v16, v20), one
+    block per expert (radix) above; knob 0 never splits."""
     logits = random_logits(4096, 128, torch.bfloat16)
     monkeypatch.setenv(SPLIT_KNOB, "4")
     assert "select_split" in kernel_names(kernel, logits, 8)
@@ -395,14 +395,19 @@ def test_select_kernels_run_where_chosen(kernel, monkeypatch):
     assert "select_split" not in names and "block_select" in names
     names = kernel_names(kernel, random_logits(8193, 128, torch.bfloat16), 8)
     assert "select_split" not in names and "select_radix" in names
+    monkeypatch.delenv(SPLIT_KNOB)
+    names = kernel_names(kernel, random_logits(512, 60, torch.bfloat16), 4)
+    assert "warp_select" in names and "block_select" not in names
+    names = kernel_names(kernel, random_logits(513, 60, torch.bfloat16), 4)
+    assert "block_select" in names and "warp_select" not in names
 
 
 @pytest.mark.parametrize("case", ["random", "ties", "nan_pad"])
 @pytest.mark.parametrize("E,k", [(60, 4), (256, 8), (512, 10)])
-@pytest.mark.parametrize("T", [1025, 2048, 2049, 3000, 4096, 4097, 6000, 8192])
+@pytest.mark.parametrize("T", [513, 700, 1024, 1025, 2048, 2049, 3000, 4096, 4097, 6000, 8192])
 def test_block_select_edges(kernel, monkeypatch, T, E, k, case):
-    """The W-warp select (v16: W = 2 up to T = 2048, 4 up to 4096; v20: 8 up to 8192) at its
-    boundaries, against
+    """The W-warp select (v24: 4 warps of 8 keys a lane from T = 513 to 1024; v16: W = 2 up to
+    T = 2048, 4 up to 4096; v20: 8 up to 8192) at its boundaries, against
     the reference and, on sm_90+, bitwise against the split select (knob 2)."""
     logits, kw = split_case_inputs(T, E, case)
     w, ids = run_kernel(kernel, logits, k, **kw)

@@ -27,11 +27,11 @@
 //   T <= 32 (T <= 24 for E > 256), E <= 512, T*E <= 16384:  fused_small (one block,
 //     one launch), except 17 <= T <= 32 on sm_90+: cluster_route first
 //   T <= 256, E <= 512 on sm_90+, where the ranks of cluster_route take at most
-//     SGL_ECPATCH_KERNEL_RANK_MAX compares per thread (default 256: E = 60 to T = 170,
-//     E = 128 to T = 128, E = 256 to T = 85, E = 512 to T = 64): cluster_route (one
-//     cluster of 16 blocks, one launch)
-//   T <= 1024:   keys (stats, keys transposed) -> warp_select -> token_route
-//   T <= 8192:   keys -> block_select (one block of 2, 4 or 8 warps per expert) -> token_route
+//     SGL_ECPATCH_KERNEL_RANK_MAX compares per thread (default 96 since session 6: E = 60
+//     to T = 96, E = 128 to T = 64, E = 256 to T = 48, E = 512 to T = 32): cluster_route
+//     (one cluster of 16 blocks, one launch)
+//   T <= 512:    keys (stats, keys transposed) -> warp_select -> token_route
+//   T <= 8192:   keys -> block_select (one block of 2-8 warps per expert) -> token_route
 //   larger T:    keys -> select_radix (one block per expert) -> token_route
 //                (sm_90+, only where SGL_ECPATCH_KERNEL_SELECT_SPLIT forces it:
 //                select_split, a cluster of B = 2, 4 or 8 blocks per expert)
@@ -315,7 +315,7 @@ __device__ __forceinline__ unsigned count_gt(unsigned cnt, unsigned kj, unsigned
 }
 
 // ---------------------------------------------------------------------------
-// Kernel 2a (T <= 1024): one warp per expert; the column's keys sit in registers
+// Kernel 2a (T <= 512): one warp per expert; the column's keys sit in registers
 // (lane l holds tokens l + 32 i, i < KPL) and the C-th largest key is found bit by
 // bit (below the bits all keys share), counting with the whole warp. Ties: the
 // lowest token indices among the keys equal to it, by ballots in index order.
@@ -482,8 +482,9 @@ __global__ void __launch_bounds__(kWarpSelectWarps * 32) warp_select_kernel(Para
   }
 }
 
-// Kernel 2a' (1024 < T <= 8192, v16, v20): the warp select's bisection with W warps per
-// expert (one block of W warps: W = 2 up to T = 2048, 4 up to 4096, else 8; 32 keys a lane). Warp w holds tokens w * 32 KPL + lane + 32 i
+// Kernel 2a' (512 < T <= 8192, v16, v20, v24): the warp select's bisection with W warps per
+// expert (one block of W warps: 4 warps of 8 keys a lane up to T = 1024, then 32 keys a lane
+// with W = 2 up to T = 2048, 4 up to 4096, else 8). Warp w holds tokens w * 32 KPL + lane + 32 i
 // in registers, so token order is (warp, i, lane). Each round, every warp counts its keys
 // >= the candidate with carries and one redux.sync, writes the count into a
 // double-buffered slot, and after one __syncthreads every warp sums the W counts and takes
@@ -1815,7 +1816,7 @@ __global__ void __launch_bounds__(kMaxExperts) row_block_kernel(Params p) {
 constexpr int kSmemKeysMax = 16384;                  // 64 KiB of keys per select block
 constexpr long long kTransposeMaxElems = 1LL << 24;  // keys_t workspace up to 64 MiB
 
-constexpr int kWarpSelectMaxT = 1024;                // 32 keys per lane
+constexpr int kWarpSelectMaxT = 1024;                // the warp select, and from T = 513 4 warps of 8 keys a lane
 
 inline bool use_fused(int T, int E, int fused_max) {
   // E > 256 from T = 25: the three launches (H200, after v10c: T = 32 18.4 µs against
@@ -2033,9 +2034,11 @@ cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
   // only at E >= 512 there)
   if (p.keys_t != nullptr && p.T <= kWarpSelectMaxT) {
     const int grid = (p.E + kWarpSelectWarps - 1) / kWarpSelectWarps;
+    // v24: 512 < T <= 1024 as 4 warps of 8 keys a lane (0.5-0.9 µs faster than one warp of
+    // 32 once v19 had cut the rounds; at T <= 512 the warp select stays ahead)
     if (p.T <= 256) err = launch(warp_select_kernel<8>, grid, kWarpSelectWarps * 32, 0, stream, pdl, p);
     else if (p.T <= 512) err = launch(warp_select_kernel<16>, grid, kWarpSelectWarps * 32, 0, stream, pdl, p);
-    else err = launch(warp_select_kernel<32>, grid, kWarpSelectWarps * 32, 0, stream, pdl, p);
+    else err = launch(block_select_kernel<8, 4>, p.E, 128, 0, stream, pdl, p);
     if (err != cudaSuccess) return err;
     return launch(token_route_kernel<DT, VPL>, token_grid, kTokenWarps * 32, 0, stream, pdl, p);
   }
