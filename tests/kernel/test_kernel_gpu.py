@@ -404,10 +404,11 @@ def test_select_kernels_run_where_chosen(kernel, monkeypatch):
 
 @pytest.mark.parametrize("case", ["random", "ties", "nan_pad"])
 @pytest.mark.parametrize("E,k", [(60, 4), (256, 8), (512, 10)])
-@pytest.mark.parametrize("T", [513, 700, 1024, 1025, 2048, 2049, 3000, 4096, 4097, 6000, 8192])
+@pytest.mark.parametrize("T", [513, 700, 1024, 1025, 1536, 1537, 2048, 2049, 3000, 4096, 4097, 6000, 8192])
 def test_block_select_edges(kernel, monkeypatch, T, E, k, case):
-    """The W-warp select (v24, v25: 4 warps of 8 keys a lane from T = 513 to 1024, of 16 to
-    2048; v16: 4 warps of 32 to 4096; v20: 8 to 8192) at its boundaries, against
+    """The W-warp select (v24-v26: 4 warps of 8 keys a lane from T = 513 to 1024, 6 of 8 to
+    1536, 4 of 16 to 2048; v16: 4 of 32 to 4096; v20: 8 of 32 to 8192) at its boundaries,
+    against
     the reference and, on sm_90+, bitwise against the split select (knob 2)."""
     logits, kw = split_case_inputs(T, E, case)
     w, ids = run_kernel(kernel, logits, k, **kw)

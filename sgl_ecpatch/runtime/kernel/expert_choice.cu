@@ -483,8 +483,8 @@ __global__ void __launch_bounds__(kWarpSelectWarps * 32) warp_select_kernel(Para
 }
 
 // Kernel 2a' (512 < T <= 8192, v16, v20, v24): the warp select's bisection with W warps per
-// expert (one block of W warps: 4 warps of 8 keys a lane up to T = 1024, of 16 up to 2048,
-// then 32 keys a lane with W = 4 up to 4096, else 8). Warp w holds tokens w * 32 KPL + lane + 32 i
+// expert (one block of W warps: 4 warps of 8 keys a lane up to T = 1024, 6 of 8 up to 1536,
+// 4 of 16 up to 2048, then 32 keys a lane with W = 4 up to 4096, else 8). Warp w holds tokens w * 32 KPL + lane + 32 i
 // in registers, so token order is (warp, i, lane). Each round, every warp counts its keys
 // >= the candidate with carries and one redux.sync, writes the count into a
 // double-buffered slot, and after one __syncthreads every warp sums the W counts and takes
@@ -2047,8 +2047,10 @@ cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
   // unless the knob forces a split (tests)
   if (p.keys_t != nullptr && p.T <= kBlockSelectMaxT && split == 1) {
     // v25: 1024 < T <= 2048 as 4 warps of 16 keys a lane (-0.7 to -1.0 µs at E <= 128
-    // against 2 warps of 32; fewer keys a lane lost at T = 4096-8192 and past 8192)
-    if (p.T <= 2048) err = launch(block_select_kernel<16, 4>, p.E, 128, 0, stream, pdl, p);
+    // against 2 warps of 32; fewer keys a lane lost at T = 4096-8192 and past 8192); v26:
+    // 6 warps of 8 up to T = 1536 (4 warps of 16 left two of them empty there: -0.4 to -0.9)
+    if (p.T <= 1536) err = launch(block_select_kernel<8, 6>, p.E, 192, 0, stream, pdl, p);
+    else if (p.T <= 2048) err = launch(block_select_kernel<16, 4>, p.E, 128, 0, stream, pdl, p);
     else if (p.T <= 4096) err = launch(block_select_kernel<32, 4>, p.E, 128, 0, stream, pdl, p);
     else err = launch(block_select_kernel<32, 8>, p.E, 256, 0, stream, pdl, p);
     if (err != cudaSuccess) return err;
