@@ -408,8 +408,8 @@ def test_select_kernels_run_where_chosen(kernel, monkeypatch):
 def test_block_select_edges(kernel, monkeypatch, T, E, k, case):
     """The W-warp select (v24-v26: 4 warps of 8 keys a lane from T = 513 to 1024, 6 of 8 to
     1536, 4 of 16 to 2048; v16: 4 of 32 to 4096; v20: 8 of 32 to 8192) at its boundaries,
-    against
-    the reference and, on sm_90+, bitwise against the split select (knob 2)."""
+    against the reference and, on sm_90+ above T = 1024, bitwise against the split select
+    (knob 2; up to 1024 the knob does not apply and the same kernel runs twice)."""
     logits, kw = split_case_inputs(T, E, case)
     w, ids = run_kernel(kernel, logits, k, **kw)
     ref_w, ref_ids, _ = expert_choice_reference(logits, k, **kw)

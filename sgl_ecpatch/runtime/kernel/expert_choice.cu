@@ -431,8 +431,8 @@ __device__ __forceinline__ int nth_equal(const uint32_t (&key)[KPL], uint32_t v,
 // (0 < C < n), found by one warp: lane l holds tokens l + 32 i; the bits every key
 // shares are skipped, then one round per bit below them (largest v with
 // count(key >= v) >= C), until a round counts C or C - 1 keys >= its candidate (v19:
-// 9-13 rounds on average instead of ~28 for softmax keys of random logits); ties go to the lowest token indices among the keys equal to v,
-// by ballots in index order.
+// 9-13 rounds on average instead of ~28 for softmax keys of random logits); ties go to
+// the lowest token indices among the keys equal to v, by ballots in index order.
 template <int KPL>
 __device__ __forceinline__ void warp_threshold(const uint32_t* col, int n, int C, int lane, uint32_t& v_out,
                                                int& tstar_out) {
@@ -482,18 +482,19 @@ __global__ void __launch_bounds__(kWarpSelectWarps * 32) warp_select_kernel(Para
   }
 }
 
-// Kernel 2a' (512 < T <= 8192, v16, v20, v24): the warp select's bisection with W warps per
-// expert (one block of W warps: 4 warps of 8 keys a lane up to T = 1024, 6 of 8 up to 1536,
-// 4 of 16 up to 2048, then 32 keys a lane with W = 4 up to 4096, else 8). Warp w holds tokens w * 32 KPL + lane + 32 i
-// in registers, so token order is (warp, i, lane). Each round, every warp counts its keys
-// >= the candidate with carries and one redux.sync, writes the count into a
-// double-buffered slot, and after one __syncthreads every warp sums the W counts and takes
-// the same decision (a warp only writes a round's slot again two rounds later, behind the
-// next round's barrier, which every warp reaches only after reading). The rounds end early
-// as in the warp select (v19), with one more barrier for the block's keys next to the
-// candidate. Ties as in the warp select: the `need`-th lowest token among the keys equal to the threshold, found by the
-// one warp whose share of those keys holds it. Thresholds: the same integers as every
-// other select (the C-th largest (key, -token) pair).
+// Kernel 2a' (512 < T <= 8192; v16, v20, v24-v26): the warp select's bisection with W warps
+// per expert (one block of W warps: 4 warps of 8 keys a lane up to T = 1024, 6 of 8 up to
+// 1536, 4 of 16 up to 2048, then 32 keys a lane with W = 4 up to 4096, else 8). Warp w
+// holds tokens w * 32 KPL + lane + 32 i in registers, so token order is (warp, i, lane).
+// Each round, every warp counts its keys >= the candidate with carries and one redux.sync,
+// writes the count into a double-buffered slot, and after one __syncthreads every warp sums
+// the W counts and takes the same decision (a warp only writes a round's slot again two
+// rounds later, behind the next round's barrier, which every warp reaches only after
+// reading). The rounds end early as in the warp select (v19), with one more barrier for the
+// block's keys next to the candidate. Ties as in the warp select: the `need`-th lowest
+// token among the keys equal to the threshold, found by the one warp whose share of those
+// keys holds it. Thresholds: the same integers as every other select (the C-th largest
+// (key, -token) pair).
 constexpr int kBlockSelectMaxT = 8192;  // W = 8 warps of 32 keys a lane (v20; W = 16 at 16384 lost in v16 and v20)
 
 template <int KPL, int W>
