@@ -5,7 +5,8 @@
 #     E=60 K=4 T=64 KERNEL=cluster_route bash benchmarks/ncu_stalls.sh
 #
 # Prints the kernel's cycles per issued instruction, the stall reasons over all samples,
-# the share of samples per 2 KiB of code, and the 30 instructions with most samples.
+# the share of samples per 2 KiB of code, the 30 instructions with most samples, and the
+# executed warp instructions per launch with the 10 most executed instructions.
 # Caches are not flushed between replays (--cache-control none): a CUDA-graph replay
 # finds the kernel's code and parameters as the previous launch left them; with ncu's
 # default flush the instruction-fetch stalls read about twice as high (session 4).
@@ -53,4 +54,22 @@ for a in sorted(agg, key=lambda a: -agg[a][ALL])[:30]:
     v = agg[a]
     top = ", ".join(f"{c[6:]} {v[c]:.0f}" for c in sorted(reasons, key=lambda c: -v[c])[:2])
     print(f"{int(a, 16) - base * 0x800:#8x} {v[ALL]:6.0f}  [{top}]  {text[a][:70]}")
+# Executed instructions (warp level), per launch: the report has one row per address and
+# profiled launch, so the rows of an address are summed and divided by their number.
+EXE = "Instructions Executed"
+if EXE in col:
+    exe, nrows = collections.Counter(), collections.Counter()
+    for r in rows[head + 1:]:
+        if len(r) < len(hdr) or not r[0].startswith("0x"):
+            continue
+        nrows[r[0]] += 1
+        try:
+            exe[r[0]] += float(r[col[EXE]] or 0)
+        except ValueError:
+            pass
+    launches = max(nrows.values()) if nrows else 1
+    per = {a: n / launches for a, n in exe.items()}
+    print(f"executed warp instructions per launch ({launches} launches): {sum(per.values()):.0f}")
+    for a in sorted(per, key=lambda a: -per[a])[:10]:
+        print(f"{int(a, 16) - base * 0x800:#8x} {per[a]:9.0f}  {text[a][:70]}")
 PY
