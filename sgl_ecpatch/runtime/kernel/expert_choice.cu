@@ -2005,10 +2005,51 @@ inline bool launch_select_split(const Params& p, int B, cudaStream_t stream, boo
   return true;
 }
 
+// The second launch: each expert's threshold (thr_key, thr_tok) from the transposed keys,
+// or gathered from the logits where keys_t is null; with PDL where `pdl`.
+template <int DT>
+cudaError_t launch_select(const Params& p, cudaStream_t stream, bool pdl) {
+  cudaError_t err;
+  // warp-per-expert select up to T = 1024 (v12, with carries for its compares and 4 warps
+  // a block: E = 60-256 T = 512-1024 2-6 µs faster than select_radix; before v12 it won
+  // only at E >= 512 there)
+  if (p.keys_t != nullptr && p.T <= kWarpSelectMaxT) {
+    const int grid = (p.E + kWarpSelectWarps - 1) / kWarpSelectWarps;
+    // v24: 512 < T <= 1024 as 4 warps of 8 keys a lane (0.5-0.9 µs faster than one warp of
+    // 32 once v19 had cut the rounds; at T <= 512 the warp select stays ahead)
+    if (p.T <= 256) return launch(warp_select_kernel<8>, grid, kWarpSelectWarps * 32, 0, stream, pdl, p);
+    if (p.T <= 512) return launch(warp_select_kernel<16>, grid, kWarpSelectWarps * 32, 0, stream, pdl, p);
+    return launch(block_select_kernel<8, 4>, p.E, 128, 0, stream, pdl, p);
+  }
+  const int split = split_blocks(p);
+  // v16: W warps per expert up to T = 4096; v20 (with v19's early end): W = 8 to T = 8192,
+  // unless the knob forces a split (tests)
+  if (p.keys_t != nullptr && p.T <= kBlockSelectMaxT && split == 1) {
+    // v25: 1024 < T <= 2048 as 4 warps of 16 keys a lane (-0.7 to -1.0 µs at E <= 128
+    // against 2 warps of 32; fewer keys a lane lost at T = 4096-8192 and past 8192); v26:
+    // 6 warps of 8 up to T = 1536 (4 warps of 16 left two of them empty there: -0.4 to -0.9)
+    if (p.T <= 1536) return launch(block_select_kernel<8, 6>, p.E, 192, 0, stream, pdl, p);
+    if (p.T <= 2048) return launch(block_select_kernel<16, 4>, p.E, 128, 0, stream, pdl, p);
+    if (p.T <= 4096) return launch(block_select_kernel<32, 4>, p.E, 128, 0, stream, pdl, p);
+    return launch(block_select_kernel<32, 8>, p.E, 256, 0, stream, pdl, p);
+  }
+  if (split > 1 && launch_select_split(p, split, stream, pdl, err)) return err;
+  // the column is cached where it fits beside the histogram (session 6: 64 KiB of keys
+  // did not fit sm_75's 64 KiB a block; the keys past the cache are re-read every pass)
+  static const int radix_static = static_smem(select_radix_kernel<DT>);
+  const int cache_cap = max(0, (p.smem_limit - radix_static) / static_cast<int>(sizeof(uint32_t)));
+  const int smem_keys = min(min(p.T, kSmemKeysMax), cache_cap);
+  const size_t smem = static_cast<size_t>(smem_keys) * sizeof(uint32_t);
+  if ((err = cudaFuncSetAttribute(select_radix_kernel<DT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(smem))) != cudaSuccess)
+    return err;
+  const int sel_threads = p.E <= p.num_sms ? kSelectThreadsMax : kSelectThreads;
+  return launch(select_radix_kernel<DT>, p.E, sel_threads, smem, stream, pdl, p, smem_keys);
+}
+
 template <int DT, int VPL>
 cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
   cudaError_t err;
-  const int token_grid = (p.T + kTokenWarps - 1) / kTokenWarps;
   if constexpr (VPL <= 16) {  // E <= 512: the row's registers fit 512 threads
     const bool fused_ok = use_fused(p.T, p.E, p.fused_max);
     const bool cluster_ok = p.T <= p.cluster_max_t && p.T <= kClusterMaxT;
@@ -2030,50 +2071,9 @@ cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
     err = launch(keys_kernel<DT, VPL>, (p.T + kKeysRows - 1) / kKeysRows, kKeysRows * 32, tile, stream, false, p);
     if (err != cudaSuccess) return err;
   }
-  // warp-per-expert select up to T = 1024 (v12, with carries for its compares and 4 warps
-  // a block: E = 60-256 T = 512-1024 2-6 µs faster than select_radix; before v12 it won
-  // only at E >= 512 there)
-  if (p.keys_t != nullptr && p.T <= kWarpSelectMaxT) {
-    const int grid = (p.E + kWarpSelectWarps - 1) / kWarpSelectWarps;
-    // v24: 512 < T <= 1024 as 4 warps of 8 keys a lane (0.5-0.9 µs faster than one warp of
-    // 32 once v19 had cut the rounds; at T <= 512 the warp select stays ahead)
-    if (p.T <= 256) err = launch(warp_select_kernel<8>, grid, kWarpSelectWarps * 32, 0, stream, pdl, p);
-    else if (p.T <= 512) err = launch(warp_select_kernel<16>, grid, kWarpSelectWarps * 32, 0, stream, pdl, p);
-    else err = launch(block_select_kernel<8, 4>, p.E, 128, 0, stream, pdl, p);
-    if (err != cudaSuccess) return err;
-    return launch(token_route_kernel<DT, VPL>, token_grid, kTokenWarps * 32, 0, stream, pdl, p);
-  }
-  const int split = split_blocks(p);
-  // v16: W warps per expert up to T = 4096; v20 (with v19's early end): W = 8 to T = 8192,
-  // unless the knob forces a split (tests)
-  if (p.keys_t != nullptr && p.T <= kBlockSelectMaxT && split == 1) {
-    // v25: 1024 < T <= 2048 as 4 warps of 16 keys a lane (-0.7 to -1.0 µs at E <= 128
-    // against 2 warps of 32; fewer keys a lane lost at T = 4096-8192 and past 8192); v26:
-    // 6 warps of 8 up to T = 1536 (4 warps of 16 left two of them empty there: -0.4 to -0.9)
-    if (p.T <= 1536) err = launch(block_select_kernel<8, 6>, p.E, 192, 0, stream, pdl, p);
-    else if (p.T <= 2048) err = launch(block_select_kernel<16, 4>, p.E, 128, 0, stream, pdl, p);
-    else if (p.T <= 4096) err = launch(block_select_kernel<32, 4>, p.E, 128, 0, stream, pdl, p);
-    else err = launch(block_select_kernel<32, 8>, p.E, 256, 0, stream, pdl, p);
-    if (err != cudaSuccess) return err;
-    return launch(token_route_kernel<DT, VPL>, token_grid, kTokenWarps * 32, 0, stream, pdl, p);
-  }
-  if (split > 1 && launch_select_split(p, split, stream, pdl, err)) {
-    if (err != cudaSuccess) return err;
-    return launch(token_route_kernel<DT, VPL>, token_grid, kTokenWarps * 32, 0, stream, pdl, p);
-  }
-  // the column is cached where it fits beside the histogram (session 6: 64 KiB of keys
-  // did not fit sm_75's 64 KiB a block; the keys past the cache are re-read every pass)
-  static const int radix_static = static_smem(select_radix_kernel<DT>);
-  const int cache_cap = max(0, (p.smem_limit - radix_static) / static_cast<int>(sizeof(uint32_t)));
-  const int smem_keys = min(min(p.T, kSmemKeysMax), cache_cap);
-  const size_t smem = static_cast<size_t>(smem_keys) * sizeof(uint32_t);
-  if ((err = cudaFuncSetAttribute(select_radix_kernel<DT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  static_cast<int>(smem))) != cudaSuccess)
-    return err;
-  const int sel_threads = p.E <= p.num_sms ? kSelectThreadsMax : kSelectThreads;
-  err = launch(select_radix_kernel<DT>, p.E, sel_threads, smem, stream, pdl, p, smem_keys);
-  if (err != cudaSuccess) return err;
-  return launch(token_route_kernel<DT, VPL>, token_grid, kTokenWarps * 32, 0, stream, pdl, p);
+  if ((err = launch_select<DT>(p, stream, pdl)) != cudaSuccess) return err;
+  return launch(token_route_kernel<DT, VPL>, (p.T + kTokenWarps - 1) / kTokenWarps, kTokenWarps * 32, 0, stream, pdl,
+                p);
 }
 
 // Block-per-row launch (kernel R): one block for T = 1, else one cluster of T blocks
