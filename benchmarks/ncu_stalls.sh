@@ -28,12 +28,17 @@ hdr = rows[head]
 col = {c: i for i, c in enumerate(hdr)}
 reasons = [c for c in hdr if c.startswith("stall_") and "Not Issued" not in c]
 ALL = "Warp Stall Sampling (All Samples)"
-agg, text = collections.defaultdict(collections.Counter), {}
+# Executed instructions (warp level), where the report has them: one row per address and
+# profiled launch, so the rows of an address are summed here and divided by their number.
+EXE = "Instructions Executed"
+counted = [ALL] + ([EXE] if EXE in col else [])
+agg, text, nrows = collections.defaultdict(collections.Counter), {}, collections.Counter()
 for r in rows[head + 1:]:
     if len(r) < len(hdr) or not r[0].startswith("0x"):
         continue
     text[r[0]] = r[col["Source"]].strip()
-    for c in reasons + [ALL]:
+    nrows[r[0]] += 1
+    for c in reasons + counted:
         try:
             agg[r[0]][c] += float(r[col[c]] or 0)
         except ValueError:
@@ -54,21 +59,9 @@ for a in sorted(agg, key=lambda a: -agg[a][ALL])[:30]:
     v = agg[a]
     top = ", ".join(f"{c[6:]} {v[c]:.0f}" for c in sorted(reasons, key=lambda c: -v[c])[:2])
     print(f"{int(a, 16) - base * 0x800:#8x} {v[ALL]:6.0f}  [{top}]  {text[a][:70]}")
-# Executed instructions (warp level), per launch: the report has one row per address and
-# profiled launch, so the rows of an address are summed and divided by their number.
-EXE = "Instructions Executed"
 if EXE in col:
-    exe, nrows = collections.Counter(), collections.Counter()
-    for r in rows[head + 1:]:
-        if len(r) < len(hdr) or not r[0].startswith("0x"):
-            continue
-        nrows[r[0]] += 1
-        try:
-            exe[r[0]] += float(r[col[EXE]] or 0)
-        except ValueError:
-            pass
     launches = max(nrows.values()) if nrows else 1
-    per = {a: n / launches for a, n in exe.items()}
+    per = {a: v[EXE] / launches for a, v in agg.items()}
     print(f"executed warp instructions per launch ({launches} launches): {sum(per.values()):.0f}")
     for a in sorted(per, key=lambda a: -per[a])[:10]:
         print(f"{int(a, 16) - base * 0x800:#8x} {per[a]:9.0f}  {text[a][:70]}")
