@@ -641,37 +641,30 @@ def test_smaller_cards_one_block_path_where_it_fits(kernel, monkeypatch):
         assert "fused_small" in kernel_names(kernel, random_logits(19, 512, torch.bfloat16), 10)
 
 
-HALF_KNOB = "SGL_ECPATCH_KERNEL_HALF_WARP_MIN_T"
+HALF_KNOB = "SGL_ECPATCH_KERNEL_KEYS_HALF_MIN_T"
 
 
 @pytest.mark.parametrize("case", ["random", "ties", "nan_pad", "sigmoid_bias"])
-@pytest.mark.parametrize("E,k", [(8, 2), (33, 4), (60, 4), (64, 8), (64, 16), (40, 20)])
+@pytest.mark.parametrize("E,k", [(8, 2), (33, 4), (60, 4), (64, 8), (40, 20)])
 @pytest.mark.parametrize("T", [300, 4097, 5001, 16384, 65536])
-def test_half_warp_rows_bitwise_equal(kernel, monkeypatch, T, E, k, case):
-    """v28: the keys and token kernels with two rows a warp (E <= 64, the token kernel with
-    k <= 16; from T = 4097 by default, at every T of the three launches with the knob at 1)
-    give the same bits as one row a warp (the knob above T) and match the reference; with
-    nan_pad the padding cuts a block's rows, with "topk" some rows take the max rounds."""
+def test_keys_half_warp_rows_bitwise_equal(kernel, monkeypatch, T, E, k, case):
+    """v28: the keys kernel with two rows a warp, one per half-warp (E <= 64; from T = 4097
+    by default, at every T of the three launches with the knob at 1), gives the same bits as
+    one row a warp (the knob above T) and matches the reference; with nan_pad the padding
+    cuts a block's 16 rows."""
     logits, kw = knob_case_inputs(T, E, case)
     assert_knob_bitwise(kernel, monkeypatch, logits, k, kw, HALF_KNOB, str(T + 1), "1",
-                        f"half-warp rows T={T} E={E} k={k} {case}", bound_near_ties=case != "ties")
+                        f"keys half-warp rows T={T} E={E} k={k} {case}", bound_near_ties=case != "ties")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_half_warp_rows_other_dtypes(kernel, monkeypatch, dtype):
+def test_keys_half_warp_rows_other_dtypes(kernel, monkeypatch, dtype):
     logits, kw = random_logits(6001, 60, dtype), {"num_token_non_padded": torch.tensor(5001, device="cuda")}
-    assert_knob_bitwise(kernel, monkeypatch, logits, 4, kw, HALF_KNOB, "6002", None, f"half-warp rows {dtype}",
+    assert_knob_bitwise(kernel, monkeypatch, logits, 4, kw, HALF_KNOB, "6002", None, f"keys half-warp rows {dtype}",
                         bound_near_ties=True)
 
 
-def test_half_warp_rows_many_choosers(kernel, monkeypatch):
-    """Rows that more than 16 experts choose (a large capacity factor) take the max rounds."""
-    logits, kw = random_logits(5000, 64, torch.bfloat16), {"capacity_factor": 8.0}
-    assert_knob_bitwise(kernel, monkeypatch, logits, 16, kw, HALF_KNOB, "5001", None, "half-warp rows cf=8",
-                        bound_near_ties=True)
-
-
-def test_half_warp_rows_statistics_only(kernel, monkeypatch):
+def test_keys_half_warp_rows_statistics_only(kernel, monkeypatch):
     """Above T * E = 2^24 the select gathers its columns from the logits and the keys kernel
     writes only each row's softmax statistics, which the token kernel reads: same bits."""
     T, E, k = (1 << 24) // 64 + 7, 64, 8
@@ -679,24 +672,20 @@ def test_half_warp_rows_statistics_only(kernel, monkeypatch):
     monkeypatch.setenv(HALF_KNOB, str(T + 1))
     base_w, base_ids = run_kernel(kernel, logits, k)
     monkeypatch.setenv(HALF_KNOB, "1")
-    names = kernel_names(kernel, logits, k)
-    assert "keys_half" in names and "token_half" in names
+    assert "keys_half" in kernel_names(kernel, logits, k)
     w, ids = run_kernel(kernel, logits, k)
     assert torch.equal(ids, base_ids)
     assert torch.equal(w.view(torch.int32), base_w.view(torch.int32))
     check_properties(logits, k, w, ids, {})
 
 
-def test_half_warp_rows_run_where_chosen(kernel, monkeypatch):
+def test_keys_half_warp_rows_run_where_chosen(kernel, monkeypatch):
     """By default from T = 4097 with E <= 64 only (below, half the blocks of one row a warp
-    measured 0.2-0.6 µs slower at T = 1024-2048, H200); the token kernel also needs k <= 16."""
+    measured 0.2-0.6 µs slower at T = 1024-2048, H200)."""
     monkeypatch.delenv(HALF_KNOB, raising=False)
-    names = kernel_names(kernel, random_logits(4097, 60, torch.bfloat16), 4)
-    assert "keys_half" in names and "token_half" in names
-    names = kernel_names(kernel, random_logits(16384, 40, torch.bfloat16), 20)
-    assert "keys_half" in names and "token_half" not in names and "token_route" in names
-    for T, E, k in ((4096, 64, 8), (16384, 65, 8)):
-        names = kernel_names(kernel, random_logits(T, E, torch.bfloat16), k)
-        assert "keys_half" not in names and "token_half" not in names
+    assert "keys_half" in kernel_names(kernel, random_logits(4097, 60, torch.bfloat16), 4)
+    assert "keys_half" in kernel_names(kernel, random_logits(16384, 8, torch.bfloat16), 2)
+    assert "keys_half" not in kernel_names(kernel, random_logits(4096, 64, torch.bfloat16), 8)
+    assert "keys_half" not in kernel_names(kernel, random_logits(16384, 65, torch.bfloat16), 8)
     monkeypatch.setenv(HALF_KNOB, "100000")
-    assert "_half" not in kernel_names(kernel, random_logits(16384, 60, torch.bfloat16), 4)
+    assert "keys_half" not in kernel_names(kernel, random_logits(16384, 60, torch.bfloat16), 4)

@@ -275,6 +275,6 @@ def open_library(path: Path):
         c.c_int,  # largest T of the block-per-row path (0: off)
         c.c_int,  # most compares per thread of the one-cluster path's rank form (0: off)
         c.c_int,  # shared memory a block may have, bytes (0: the device's opt-in maximum)
-        c.c_int,  # smallest T whose keys and token kernels take two rows a warp (E <= 64)
+        c.c_int,  # smallest T whose keys kernel takes two rows a warp (E <= 64)
     ]
     return lib

@@ -161,7 +161,7 @@ struct Params {
   int cluster_max_t;   // largest T for the one-cluster path (0: off; sm_90+ only)
   int select_split;    // blocks per expert of the large-T select: -1 (unset), 0, 1 one; 2/4/8 forced (sm_90+)
   int row_max_t;       // largest T for the block-per-row path (0: off; above 1: sm_90+ clusters)
-  int half_warp_min_t; // smallest T whose keys and token kernels take two rows a warp (E <= 64)
+  int keys_half_min_t; // smallest T whose keys kernel takes two rows a warp (E <= 64)
   int rank_max;        // kernel C where its ranks take at most this many compares per thread (0: off)
   int num_sms;         // host only: the device's SM count (select_radix's block size)
   int smem_limit;      // host only: bytes of shared memory a block may have (static + dynamic)
@@ -1374,145 +1374,6 @@ __global__ void __launch_bounds__(kTokenWarps * 32) token_route_kernel(Params p)
   });
 }
 
-// v28, token kernel for E <= 64 and k <= 16 at large T: two rows a warp, one per
-// half-warp, as keys_half_kernel (the one-row kernel ran ~419 warp instructions a row at
-// E = 60, T = 16384, much of them per row: set-up, compaction, the ranks, the sum).
-// Lane h of a half holds experts h + 16 j (j < 4). Same bits as route_token: the scores
-// from the row's statistics (softmax_score, the bits of scores_in_place) or sigmoid_score,
-// the same keys, choice test and ranks, slots in rank order and the sum in slot order.
-// Both halves take the same path (the ranks when each half's chosen experts fit 16 lanes,
-// else k rounds of a half-warp max), so every collective has the whole warp.
-struct HalfScratch {
-  unsigned long long cand_rank[16];
-  float cand_w[16];
-  float slot_w[16];
-  int slot_id[16];
-};
-
-template <int DT>
-__global__ void __launch_bounds__(kTokenWarps * 32) token_half_kernel(Params p) {
-  __shared__ HalfScratch scratch[kTokenWarps][2];
-  const int lane = threadIdx.x & 31, h = lane & 15, half = lane >> 4, warp = threadIdx.x >> 5;
-  const int t0 = 2 * (blockIdx.x * kTokenWarps + warp);
-  if (t0 >= p.T) return;  // never a whole block: the others wait below
-  const int t = t0 + half;
-  const int n = read_n(p);
-  const bool valid = t < n;
-  const int E = p.E, k = p.k;
-  const long long base = static_cast<long long>(valid ? t : 0) * E;
-  float x[4], b[4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int e = h + 16 * j;
-    x[j] = e < E ? load_val<DT>(p.logits, base + e) : 0.0f;
-    b[j] = p.bias != nullptr && e < E ? load_any(p.bias, p.bias_dtype, e) : 0.0f;
-  }
-  wait_for_predecessor();  // before any exit: our completion must imply the select's
-  float sc[4];
-  if (p.sigmoid) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) sc[j] = sigmoid_score(x[j]);
-  } else {
-    const float2 st = p.stats[valid ? t : 0];  // from keys_kernel, the same bits as its scores
-#pragma unroll
-    for (int j = 0; j < 4; ++j) sc[j] = softmax_score(x[j], st.x, st.y);
-  }
-  unsigned long long rank[4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int e = h + 16 * j;
-    const int ec = e < E ? e : E - 1;
-    const uint32_t key = okey(sc[j] + b[j]);
-    const uint32_t tk = p.thr_key[ec];
-    const int tt = p.thr_tok[ec];
-    const bool chosen = (key > tk) | ((key == tk) & (t <= tt));
-    rank[j] = e < E && valid ? (static_cast<unsigned long long>(chosen) << 43) |
-                                   (static_cast<unsigned long long>(key) << 11) |
-                                   static_cast<unsigned long long>(kMaxExperts - e)
-                             : 0ull;
-    sc[j] = e < E ? sc[j] : 0.0f;
-  }
-  HalfScratch& ws = scratch[warp][half];
-  const int shift = 16 * half;
-  const unsigned lt_mask = (1u << h) - 1u;
-  int num = 0;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const bool ch = (rank[j] >> 43) != 0ull;
-    const unsigned bal = (__ballot_sync(kFull, ch) >> shift) & 0xffffu;
-    const int pos = num + __popc(bal & lt_mask);
-    if (ch && pos < 16) {
-      ws.cand_rank[pos] = rank[j];
-      ws.cand_w[pos] = sc[j];
-    }
-    num += __popc(bal);
-  }
-  const bool fits = !valid || (num <= 16 && (!p.fill_topk || num >= k));
-  float my_w = 0.0f, sum = 0.0f;
-  int my_id = -1;
-  if (__all_sync(kFull, fits)) {
-    __syncwarp();
-    const unsigned long long v = h < num ? ws.cand_rank[h] : ~0ull;
-    int r = 0;
-    for (int j = 0; j < num; ++j) r += ws.cand_rank[j] > v;
-    if (h < num && r < k) {
-      const float w = ws.cand_w[h];
-      ws.slot_w[r] = w != w ? 0.0f : w;  // a NaN score weighs 0
-      ws.slot_id[r] = kMaxExperts - static_cast<int>(v & 2047ull);
-    }
-    __syncwarp();
-    const int used = num < k ? num : k;
-    for (int j = 0; j < used; ++j) sum += ws.slot_w[j];  // slot order, float32
-    if (h < used) {
-      my_w = ws.slot_w[h];
-      my_id = ws.slot_id[h];
-    }
-  } else {
-    bool done = false;
-    for (int j = 0; j < k; ++j) {  // k rounds of the half's max (uniform trip count)
-      unsigned long long best = max_tree<4, 0, 4>(rank);
-#pragma unroll
-      for (int d = 8; d > 0; d >>= 1) {
-        const unsigned long long o = __shfl_xor_sync(kFull, best, d);
-        best = o > best ? o : best;
-      }
-      done = done || best == 0ull || (!(best >> 43) && !p.fill_topk);  // uniform per half
-      const int e = kMaxExperts - static_cast<int>(best & 2047ull);
-      const int owner = (e & 15) | shift;
-      float w = 0.0f;
-      if (!done && lane == owner) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          if (rank[i] == best) {
-            w = sc[i];
-            rank[i] = 0ull;
-          }
-        }
-      }
-      w = __shfl_sync(kFull, w, owner);
-      if (w != w) w = 0.0f;  // a NaN score weighs 0
-      if (!done) {
-        sum += w;  // slot order, float32, as every path does
-        if (h == j) {
-          my_w = w;
-          my_id = e;
-        }
-      }
-    }
-  }
-  if (t >= p.T) return;
-  if (!valid) {
-    write_padding_row(p, t, h);
-    return;
-  }
-  if (p.renorm && sum > 0.0f) my_w = my_w / sum;
-  if (h < k) {
-    const long long out_base = static_cast<long long>(t) * k;
-    p.out_id[out_base + h] = my_id;
-    p.out_w[out_base + h] = my_w;
-  }
-}
-
 // ---------------------------------------------------------------------------
 // Kernel C (T <= 256, E <= 512, few compares, sm_90+): one launch of one thread-block
 // cluster of nb = 16 blocks of 16 warps (8 blocks, T <= 128, where 16 cannot run). Block
@@ -2295,7 +2156,7 @@ cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
   if (p.keys_t != nullptr || !p.sigmoid) {           // keys and/or statistics
     bool half = false;
     if constexpr (VPL <= 2) {
-      if (p.T >= p.half_warp_min_t) {
+      if (p.T >= p.keys_half_min_t) {
         const size_t tile = p.keys_t ? static_cast<size_t>(p.E) * (kKeysHalfRows + 1) * sizeof(uint32_t) : 0;
         if ((err = allow_smem(keys_half_kernel<DT, VPL>, tile)) != cudaSuccess) return err;
         err = launch(keys_half_kernel<DT, VPL>, (p.T + kKeysHalfRows - 1) / kKeysHalfRows, kKeysRows * 32, tile,
@@ -2311,11 +2172,6 @@ cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
     if (err != cudaSuccess) return err;
   }
   if ((err = launch_select<DT>(p, stream, pdl)) != cudaSuccess) return err;
-  if constexpr (VPL == 2) {
-    if (p.T >= p.half_warp_min_t && p.k <= 16)
-      return launch(token_half_kernel<DT>, (p.T + 2 * kTokenWarps - 1) / (2 * kTokenWarps), kTokenWarps * 32, 0,
-                    stream, pdl, p);
-  }
   return launch(token_route_kernel<DT, VPL>, (p.T + kTokenWarps - 1) / kTokenWarps, kTokenWarps * 32, 0, stream, pdl,
                 p);
 }
@@ -2407,15 +2263,15 @@ const char* ec_error_string(int code) {
 // by one block per row (T = 1: one block; up to 16 on sm_90+ with E > 64 or from T = 12:
 // one cluster of T blocks; 0 turns it off); `rank_max` the most compares per thread of the
 // one-cluster kernel's ranks (above, and at 0, it is not used); `smem_limit` the shared
-// memory a block may have (0: the device's opt-in maximum); `half_warp_min_t` the smallest
-// T at which the keys and token kernels take two rows a warp, one per half-warp, where
-// E <= 64 (the token kernel also needs k <= 16). Returns 0 or an error code
+// memory a block may have (0: the device's opt-in maximum); `keys_half_min_t` the smallest
+// T at which the keys kernel takes two rows a warp, one per half-warp, where E <= 64.
+// Returns 0 or an error code
 // (see ec_error_string).
 int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bias, int bias_dtype,
              const void* n_ptr, int n_is_64, long long n_host, long long cf_num, long long cf_den,
              int sigmoid, int fill_topk, int renorm, void* workspace, float* out_w, int* out_id,
              int device, void* stream, int pdl_enabled, int fused_max, int cluster_max_t,
-             int select_split, int row_max_t, int rank_max, int smem_limit, int half_warp_min_t) {
+             int select_split, int row_max_t, int rank_max, int smem_limit, int keys_half_min_t) {
   if (E < 1 || E > ec::kMaxExperts || k < 1 || k > E || k > ec::kMaxTopK) return -1;
   if (T <= 0) return 0;
   int prev = -1;
@@ -2442,7 +2298,7 @@ int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bia
   p.select_split = select_split;
   p.row_max_t = row_max_t;
   p.rank_max = rank_max;
-  p.half_warp_min_t = half_warp_min_t;
+  p.keys_half_min_t = keys_half_min_t;
   p.num_sms = 0;
   p.smem_limit = ec::smem_budget(device, smem_limit);
   p.screen = 0;
