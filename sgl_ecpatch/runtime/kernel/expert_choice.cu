@@ -675,8 +675,8 @@ __global__ void __launch_bounds__(W * 32) block_select_kernel(Params p) {
 // The column comes from keys_t (contiguous) or, where that workspace would be too
 // large, is gathered from the logits. It is held in shared memory when it fits
 // (n <= smem_keys), else re-read in every pass (a correct, slower path).
-// Passes: the bits common to the column's min and max are skipped, then digits of
-// up to 12 bits; after the first, few keys still match the prefix.
+// Passes: digits of 12, 12 and 8 bits from the top; the first is counted while the
+// column loads; after it, few keys still match the prefix.
 
 constexpr int kSelectThreads = 512;      // per block where E > the SM count (2 blocks an SM)
 constexpr int kSelectThreadsMax = 1024;  // where E <= the SM count: one expert's block has the SM
@@ -716,13 +716,16 @@ __global__ void __launch_bounds__(kSelectThreadsMax) select_radix_kernel(Params 
   extern __shared__ uint32_t col[];
   __shared__ unsigned hist[1 << kRadixBits];
   __shared__ int swarp[32];
-  __shared__ unsigned s_bin, s_rem, s_min, s_max;
+  __shared__ unsigned s_bin, s_rem;
   __shared__ int s_tok, s_all_equal_taken;
   allow_dependents();
-  wait_for_predecessor();  // before any exit: our completion must imply keys_kernel's
   const int e = blockIdx.x;
-  const int tid = threadIdx.x, lane = tid & 31;
+  const int tid = threadIdx.x;
   const int bd = blockDim.x;
+  for (int i = tid; i < (1 << kRadixBits); i += bd) hist[i] = 0u;  // the first pass's bins
+  if (tid == 0) s_all_equal_taken = 0;
+  __syncthreads();
+  wait_for_predecessor();  // before any exit: our completion must imply keys_kernel's
   const int n = read_n(p);
   const int C = capacity(p, n);
   if (trivial_threshold(p, e, n, C)) return;  // uniform per block
@@ -745,12 +748,11 @@ __global__ void __launch_bounds__(kSelectThreadsMax) select_radix_kernel(Params 
     return cached ? col[t] : (gcol ? __ldg(gcol + t) : gather_key(t));
   };
 
-  if (tid == 0) {
-    s_min = 0xffffffffu;
-    s_max = 0u;
-    s_all_equal_taken = 0;
-  }
-  uint32_t lo = 0xffffffffu, hi = 0u;
+  // v29: the first pass takes the top kRadixBits bits and counts them while the column
+  // loads (clock64, E = 60, T = 16384, H200: the load ~6,500 cycles, waiting on the L2, and
+  // a separate first pass after it ~4,100). Session 6 skipped the bits common to the
+  // column's min and max first, which needs every key before any counting: it saved
+  // passes only for columns of few distinct keys.
   if (gcol != nullptr && cached) {
     // v12: kSelectBatch loads per thread in flight, with no branch between them. The
     // loop before chose the key's source per element, and ptxas waited for each load
@@ -767,8 +769,7 @@ __global__ void __launch_bounds__(kSelectThreadsMax) select_radix_kernel(Params 
         const int t = base + j * bd + tid;
         if (t < n) {
           col[t] = u[j];
-          lo = min(lo, u[j]);
-          hi = max(hi, u[j]);
+          atomicAdd(&hist[u[j] >> (32 - kRadixBits)], 1u);
         }
       }
     }
@@ -776,51 +777,15 @@ __global__ void __launch_bounds__(kSelectThreadsMax) select_radix_kernel(Params 
     for (int t = tid; t < n; t += bd) {
       const uint32_t u = gcol ? __ldg(gcol + t) : gather_key(t);
       if (cached) col[t] = u;
-      lo = min(lo, u);
-      hi = max(hi, u);
+      atomicAdd(&hist[u >> (32 - kRadixBits)], 1u);
     }
   }
-#pragma unroll
-  for (int d = 16; d > 0; d >>= 1) {
-    lo = min(lo, __shfl_xor_sync(kFull, lo, d));
-    hi = max(hi, __shfl_xor_sync(kFull, hi, d));
-  }
-  __syncthreads();  // col and the s_ initialisation
-  if (lane == 0) {
-    atomicMin(&s_min, lo);
-    atomicMax(&s_max, hi);
-  }
-  __syncthreads();
-  int bits_left = bits_below_prefix(s_min, s_max);
-  uint32_t mask = prefix_mask(bits_left);
-  uint32_t prefix = s_min & mask;
+  __syncthreads();  // col and the first pass's counts
+  int shift = 32 - kRadixBits;  // the digit's lowest bit
+  unsigned nbins = 1u << kRadixBits;
+  uint32_t mask = 0u, prefix = 0u;
   unsigned remaining = static_cast<unsigned>(C);  // rank (1-based) still to find
-  while (bits_left > 0) {
-    const int width = bits_left < kRadixBits ? bits_left : kRadixBits;
-    const int shift = bits_left - width;
-    const unsigned nbins = 1u << width;
-    for (unsigned i = tid; i < nbins; i += bd) hist[i] = 0u;
-    __syncthreads();
-    if (cached) {  // shared-memory reads issued kPassBatch at a time, no branch between
-      for (int base = 0; base < n; base += kPassBatch * bd) {
-        uint32_t u[kPassBatch];
-#pragma unroll
-        for (int j = 0; j < kPassBatch; ++j) {
-          const int t = base + j * bd + tid;
-          u[j] = col[t < n ? t : 0];
-        }
-#pragma unroll
-        for (int j = 0; j < kPassBatch; ++j) {
-          if (base + j * bd + tid < n && (u[j] & mask) == prefix) atomicAdd(&hist[(u[j] >> shift) & (nbins - 1u)], 1u);
-        }
-      }
-    } else {
-      for (int t = tid; t < n; t += bd) {
-        const uint32_t u = key_at(t);
-        if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & (nbins - 1u)], 1u);
-      }
-    }
-    __syncthreads();
+  for (;;) {
     // thread `tid` owns bins [tid * per, tid * per + per); larger bins = larger keys
     const unsigned per = (nbins + bd - 1) / bd;
     const unsigned first = tid * per;
@@ -848,7 +813,32 @@ __global__ void __launch_bounds__(kSelectThreadsMax) select_radix_kernel(Params 
     prefix |= s_bin << shift;
     mask |= (nbins - 1u) << shift;
     remaining = s_rem;
-    bits_left = shift;
+    if (shift == 0) break;
+    const int width = shift < kRadixBits ? shift : kRadixBits;  // the next pass: 12, then 8 bits
+    shift -= width;
+    nbins = 1u << width;
+    for (unsigned i = tid; i < nbins; i += bd) hist[i] = 0u;
+    __syncthreads();
+    if (cached) {  // shared-memory reads issued kPassBatch at a time, no branch between
+      for (int base = 0; base < n; base += kPassBatch * bd) {
+        uint32_t u[kPassBatch];
+#pragma unroll
+        for (int j = 0; j < kPassBatch; ++j) {
+          const int t = base + j * bd + tid;
+          u[j] = col[t < n ? t : 0];
+        }
+#pragma unroll
+        for (int j = 0; j < kPassBatch; ++j) {
+          if (base + j * bd + tid < n && (u[j] & mask) == prefix) atomicAdd(&hist[(u[j] >> shift) & (nbins - 1u)], 1u);
+        }
+      }
+    } else {
+      for (int t = tid; t < n; t += bd) {
+        const uint32_t u = key_at(t);
+        if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & (nbins - 1u)], 1u);
+      }
+    }
+    __syncthreads();
   }
   // The threshold key is `prefix`; among the keys equal to it, take the `remaining`
   // lowest token indices. When that is all of them, no scan is needed.
