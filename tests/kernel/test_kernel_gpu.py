@@ -689,3 +689,39 @@ def test_keys_half_warp_rows_run_where_chosen(kernel, monkeypatch):
     assert "keys_half" not in kernel_names(kernel, random_logits(16384, 65, torch.bfloat16), 8)
     monkeypatch.setenv(HALF_KNOB, "100000")
     assert "keys_half" not in kernel_names(kernel, random_logits(16384, 60, torch.bfloat16), 4)
+
+
+WIDE_KNOB = "SGL_ECPATCH_KERNEL_KEYS_WIDE_MAX_T"
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "nan_pad", "sigmoid_bias"])
+@pytest.mark.parametrize("E,k", [(257, 8), (384, 16), (512, 10), (512, 32)])
+@pytest.mark.parametrize("T", [40, 256, 1000, 4097, 20000])
+def test_keys_two_warps_a_row_bitwise_equal(kernel, monkeypatch, T, E, k, case):
+    """v30: the keys kernel with two warps a row (256 < E <= 512; to T = 256 by default, at
+    every T of the three launches with the knob large) gives the same bits as one warp a
+    row (knob 0) and matches the reference; with nan_pad the padding cuts a block's rows."""
+    monkeypatch.setenv("SGL_ECPATCH_KERNEL_CLUSTER_MAX_T", "0")  # the three launches at T = 40
+    logits, kw = knob_case_inputs(T, E, case)
+    assert_knob_bitwise(kernel, monkeypatch, logits, k, kw, WIDE_KNOB, "0", "1000000",
+                        f"keys two warps a row T={T} E={E} k={k} {case}", bound_near_ties=case != "ties")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_keys_two_warps_a_row_other_dtypes(kernel, monkeypatch, dtype):
+    monkeypatch.setenv("SGL_ECPATCH_KERNEL_CLUSTER_MAX_T", "0")
+    logits, kw = random_logits(200, 500, dtype), {"num_token_non_padded": torch.tensor(150, device="cuda")}
+    assert_knob_bitwise(kernel, monkeypatch, logits, 10, kw, WIDE_KNOB, "0", None, f"keys two warps {dtype}",
+                        bound_near_ties=True)
+
+
+def test_keys_two_warps_a_row_run_where_chosen(kernel, monkeypatch):
+    """By default for 256 < E <= 512 up to T = 256 only."""
+    monkeypatch.delenv(WIDE_KNOB, raising=False)
+    assert "keys_wide" in kernel_names(kernel, random_logits(256, 512, torch.bfloat16), 10)
+    assert "keys_wide" in kernel_names(kernel, random_logits(100, 300, torch.bfloat16), 8)
+    assert "keys_wide" not in kernel_names(kernel, random_logits(257, 512, torch.bfloat16), 10)
+    assert "keys_wide" not in kernel_names(kernel, random_logits(256, 256, torch.bfloat16), 8)
+    assert "keys_wide" not in kernel_names(kernel, random_logits(256, 513, torch.bfloat16), 8)
+    monkeypatch.setenv(WIDE_KNOB, "0")
+    assert "keys_wide" not in kernel_names(kernel, random_logits(256, 512, torch.bfloat16), 10)

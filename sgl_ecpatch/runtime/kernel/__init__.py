@@ -51,6 +51,7 @@ ROW_MAX_T_DEFAULT = 16  # largest T routed by one block per row (T > 1: one clus
 RANK_MAX_DEFAULT = 96  # the one-cluster kernel where its ranks take at most this many compares per thread
 SMEM_LIMIT_DEFAULT = 0  # shared memory a block may have, bytes (0: the device's opt-in maximum)
 KEYS_HALF_MIN_T_DEFAULT = 4097  # from here the keys kernel takes two rows a warp where E <= 64 (v28)
+KEYS_WIDE_MAX_T_DEFAULT = 256  # up to here the keys kernel takes two warps a row where 256 < E <= 512 (v30)
 
 _DTYPE_CODES = {"torch.float32": 0, "torch.bfloat16": 1, "torch.float16": 2}
 _load_lock = threading.Lock()
@@ -220,7 +221,9 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
     sm_75 or 101376 for sm_86/89),
     SGL_ECPATCH_KERNEL_KEYS_HALF_MIN_T (the smallest T at which the first of the three
     launches takes two rows a warp, one per half-warp, where E <= 64; default 4097; a value
-    above T turns it off).
+    above T turns it off),
+    SGL_ECPATCH_KERNEL_KEYS_WIDE_MAX_T (the largest T at which that launch takes two warps a
+    row where 256 < E <= 512; default 256; 0 turns it off).
     Raises ValueError for bad arguments, NotImplementedError for E > 1024 or
     top_k > 32, RuntimeError when the kernel cannot be loaded or launched.
     """
@@ -294,6 +297,7 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
     rank_max = int(os.environ.get("SGL_ECPATCH_KERNEL_RANK_MAX", str(RANK_MAX_DEFAULT)))
     smem_limit = int(os.environ.get("SGL_ECPATCH_KERNEL_SMEM_LIMIT", str(SMEM_LIMIT_DEFAULT)))
     keys_half_min_t = int(os.environ.get("SGL_ECPATCH_KERNEL_KEYS_HALF_MIN_T", str(KEYS_HALF_MIN_T_DEFAULT)))
+    keys_wide_max_t = int(os.environ.get("SGL_ECPATCH_KERNEL_KEYS_WIDE_MAX_T", str(KEYS_WIDE_MAX_T_DEFAULT)))
     dev_index = device.index if device.index is not None else torch.cuda.current_device()
     # the one-block path keeps T * E keys and scores in shared memory: at most what the card
     # holds (the workspace and the launch must agree on it)
@@ -309,7 +313,7 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
         int(scoring_func == "sigmoid"), int(fill == "topk"), int(bool(renormalize)),
         workspace.data_ptr(), weights.data_ptr(), ids.data_ptr(),
         dev_index, stream,
-        pdl, fused_max, cluster_max_t, select_split, row_max_t, rank_max, smem_limit, keys_half_min_t,
+        pdl, fused_max, cluster_max_t, select_split, row_max_t, rank_max, smem_limit, keys_half_min_t, keys_wide_max_t,
     )
     if rc != 0:
         raise RuntimeError(f"expert-choice kernel launch failed: {lib.ec_error_string(rc).decode()}")

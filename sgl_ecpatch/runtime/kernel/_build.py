@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).resolve().parent
 SOURCES = ("expert_choice.cu",)
-ABI_VERSION = 10  # must match ec_abi_version() in expert_choice.cu
+ABI_VERSION = 11  # must match ec_abi_version() in expert_choice.cu
 BASE_CUDA_FLAGS = ("-O3", "-lineinfo", "-std=c++17")
 LIB_STEM = "sgl_ecpatch_expert_choice"
 
@@ -276,5 +276,6 @@ def open_library(path: Path):
         c.c_int,  # most compares per thread of the one-cluster path's rank form (0: off)
         c.c_int,  # shared memory a block may have, bytes (0: the device's opt-in maximum)
         c.c_int,  # smallest T whose keys kernel takes two rows a warp (E <= 64)
+        c.c_int,  # largest T whose keys kernel takes two warps a row (256 < E <= 512)
     ]
     return lib

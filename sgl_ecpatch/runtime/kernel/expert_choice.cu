@@ -162,6 +162,7 @@ struct Params {
   int select_split;    // blocks per expert of the large-T select: -1 (unset), 0, 1 one; 2/4/8 forced (sm_90+)
   int row_max_t;       // largest T for the block-per-row path (0: off; above 1: sm_90+ clusters)
   int keys_half_min_t; // smallest T whose keys kernel takes two rows a warp (E <= 64)
+  int keys_wide_max_t; // largest T whose keys kernel takes two warps a row (256 < E <= 512)
   int rank_max;        // kernel C where its ranks take at most this many compares per thread (0: off)
   int num_sms;         // host only: the device's SM count (select_radix's block size)
   int smem_limit;      // host only: bytes of shared memory a block may have (static + dynamic)
@@ -303,6 +304,97 @@ __global__ void __launch_bounds__(kKeysRows * 32) keys_kernel(Params p) {
   const int r = lane & 7;
   for (int e = warp * 4 + (lane >> 3); e < E; e += kKeysRows * 4) {
     if (r < rows) p.keys_t[static_cast<long long>(e) * p.T + t0 + r] = tile[e * (kKeysRows + 1) + r];
+  }
+}
+
+// Kernel 1 for 256 < E <= 512 at small T (v30): two warps a row, 16 warps a block of 8
+// rows. One row a warp runs a chain of 16 exact exps and divisions a lane; here each warp
+// holds half of the lane's elements (warp hw: i in [hw H, hw H + H), H = VPL / 2). Same
+// bits as scores_in_place: the max is order-free; the lane's in-order sum is warp 0's
+// partial continued by warp 1 in the same order (through shared memory), then the same
+// butterfly. Measured (H200): E = 512 T = 64 / 256 -0.8 µs, T = 1024 +-0.1, T >= 4096
+// +1 to +3.4 (the blocks' barriers cost more than the shorter chains save once the SMs
+// are full); E = 128 and 256 no gain anywhere.
+template <int DT, int VPL>
+__global__ void __launch_bounds__(2 * kKeysRows * 32) keys_wide_kernel(Params p) {
+  constexpr int H = VPL / 2;
+  extern __shared__ uint32_t tile[];  // [E][kKeysRows + 1]
+  __shared__ float s_max[kKeysRows][2];
+  __shared__ float s_part[kKeysRows][32];
+  __shared__ float s_sum[kKeysRows];
+  allow_dependents();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int r = warp >> 1, hw = warp & 1;
+  const int t0 = blockIdx.x * kKeysRows;
+  const int n = read_n(p);
+  if (t0 >= n) return;  // uniform per block
+  const int E = p.E;
+  const int t = t0 + r;
+  const bool valid = t < n;  // uniform per warp (a row past n computes on row 0, unwritten)
+  const long long base = static_cast<long long>(valid ? t : 0) * E;
+  const int e0 = lane + 32 * H * hw;  // expert of x[0]; x[j] is expert e0 + 32 j
+  float x[H];
+#pragma unroll
+  for (int j = 0; j < H; ++j) x[j] = e0 + 32 * j < E ? load_val<DT>(p.logits, base + e0 + 32 * j) : 0.0f;
+  float m = 0.0f, s = 1.0f;
+  if (p.sigmoid) {  // uniform per block
+#pragma unroll
+    for (int j = 0; j < H; ++j) x[j] = sigmoid_score(x[j]);
+  } else {
+    float mm = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < H; ++j)
+      if (e0 + 32 * j < E) mm = fmaxf(mm, x[j]);
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) mm = fmaxf(mm, __shfl_xor_sync(kFull, mm, d));
+    if (lane == 0) s_max[r][hw] = mm;
+    __syncthreads();
+    m = fmaxf(s_max[r][0], s_max[r][1]);
+    float part = 0.0f;
+    if (hw == 0) {
+#pragma unroll
+      for (int j = 0; j < H; ++j) {
+        if (e0 + 32 * j < E) {
+          x[j] = expf(x[j] - m);
+          part += x[j];
+        }
+      }
+      s_part[r][lane] = part;
+    } else {
+#pragma unroll
+      for (int j = 0; j < H; ++j)
+        if (e0 + 32 * j < E) x[j] = expf(x[j] - m);
+    }
+    __syncthreads();
+    if (hw == 1) {
+      part = s_part[r][lane];  // the lane's sum over warp 0's elements, continued in order
+#pragma unroll
+      for (int j = 0; j < H; ++j)
+        if (e0 + 32 * j < E) part += x[j];
+#pragma unroll
+      for (int d = 16; d > 0; d >>= 1) part += __shfl_xor_sync(kFull, part, d);
+      if (lane == 0) s_sum[r] = part;
+    }
+    __syncthreads();
+    s = s_sum[r];
+#pragma unroll
+    for (int j = 0; j < H; ++j) x[j] = x[j] / s;
+  }
+  if (valid && hw == 0 && lane == 0 && p.stats) p.stats[t] = make_float2(m, s);
+  if (p.keys_t == nullptr) return;  // uniform per block: no barrier below is reached
+  if (valid) {
+#pragma unroll
+    for (int j = 0; j < H; ++j) {
+      const int e = e0 + 32 * j;
+      if (e < E) tile[e * (kKeysRows + 1) + r] = okey(x[j] + bias_at(p, e));
+    }
+  }
+  __syncthreads();
+  const int rows = min(kKeysRows, n - t0);
+  // lane -> (expert e0 + lane / 8, row lane % 8): a warp stores 4 experts' sectors
+  const int rr = lane & 7;
+  for (int e = warp * 4 + (lane >> 3); e < E; e += 2 * kKeysRows * 4) {
+    if (rr < rows) p.keys_t[static_cast<long long>(e) * p.T + t0 + rr] = tile[e * (kKeysRows + 1) + rr];
   }
 }
 
@@ -2154,6 +2246,15 @@ cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
         half = true;
       }
     }
+    if constexpr (VPL == 16) {  // v30: 256 < E <= 512 only (it lost at E = 128-256 and above T = 2048)
+      if (!half && p.T <= p.keys_wide_max_t) {
+        const size_t tile = p.keys_t ? static_cast<size_t>(p.E) * (kKeysRows + 1) * sizeof(uint32_t) : 0;
+        if ((err = allow_smem(keys_wide_kernel<DT, VPL>, tile)) != cudaSuccess) return err;
+        err = launch(keys_wide_kernel<DT, VPL>, (p.T + kKeysRows - 1) / kKeysRows, 2 * kKeysRows * 32, tile, stream,
+                     false, p);
+        half = true;
+      }
+    }
     if (!half) {
       const size_t tile = p.keys_t ? static_cast<size_t>(p.E) * (kKeysRows + 1) * sizeof(uint32_t) : 0;
       if ((err = allow_smem(keys_kernel<DT, VPL>, tile)) != cudaSuccess) return err;
@@ -2215,7 +2316,7 @@ cudaError_t launch_all(const Params& p, cudaStream_t stream, bool pdl) {
 extern "C" {
 
 // Version of this C interface; the Python side checks it after loading.
-int ec_abi_version() { return 10; }
+int ec_abi_version() { return 11; }
 
 // The largest T * E the one-block kernel (fused_small, keys and scores in shared memory)
 // takes on `device` with `smem_limit` (0: the device's maximum): the Python side lowers
@@ -2254,14 +2355,16 @@ const char* ec_error_string(int code) {
 // one cluster of T blocks; 0 turns it off); `rank_max` the most compares per thread of the
 // one-cluster kernel's ranks (above, and at 0, it is not used); `smem_limit` the shared
 // memory a block may have (0: the device's opt-in maximum); `keys_half_min_t` the smallest
-// T at which the keys kernel takes two rows a warp, one per half-warp, where E <= 64.
+// T at which the keys kernel takes two rows a warp, one per half-warp, where E <= 64;
+// `keys_wide_max_t` the largest T at which it takes two warps a row where 256 < E <= 512.
 // Returns 0 or an error code
 // (see ec_error_string).
 int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bias, int bias_dtype,
              const void* n_ptr, int n_is_64, long long n_host, long long cf_num, long long cf_den,
              int sigmoid, int fill_topk, int renorm, void* workspace, float* out_w, int* out_id,
              int device, void* stream, int pdl_enabled, int fused_max, int cluster_max_t,
-             int select_split, int row_max_t, int rank_max, int smem_limit, int keys_half_min_t) {
+             int select_split, int row_max_t, int rank_max, int smem_limit, int keys_half_min_t,
+             int keys_wide_max_t) {
   if (E < 1 || E > ec::kMaxExperts || k < 1 || k > E || k > ec::kMaxTopK) return -1;
   if (T <= 0) return 0;
   int prev = -1;
@@ -2289,6 +2392,7 @@ int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bia
   p.row_max_t = row_max_t;
   p.rank_max = rank_max;
   p.keys_half_min_t = keys_half_min_t;
+  p.keys_wide_max_t = keys_wide_max_t;
   p.num_sms = 0;
   p.smem_limit = ec::smem_budget(device, smem_limit);
   p.screen = 0;
