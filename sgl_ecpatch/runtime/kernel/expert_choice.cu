@@ -105,6 +105,20 @@ __device__ __forceinline__ void load_row(const void* logits, long long row, int 
   }
 }
 
+// The max of a lane's x[j] (expert e0 + 32 j, those below E), then over the warp (a xor
+// butterfly); -inf where the lane holds none. The row max of scores_in_place and the
+// two-warp keys kernel.
+template <int N>
+__device__ __forceinline__ float warp_row_max(const float (&x)[N], int e0, int E) {
+  float m = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+    if (e0 + 32 * j < E) m = fmaxf(m, x[j]);
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) m = fmaxf(m, __shfl_xor_sync(kFull, m, d));
+  return m;
+}
+
 // Scores of a row held in registers, in place: x[i] becomes S[t, lane + 32 i].
 // Softmax: the row max, then the sum of exp(x - max) with each lane in order of i and
 // a xor butterfly (bitwise the same in every lane; this is also the order of torch's
@@ -122,12 +136,7 @@ __device__ __forceinline__ void scores_in_place(float (&x)[VPL], int E, int lane
     s_out = 1.0f;
     return;
   }
-  float m = -INFINITY;
-#pragma unroll
-  for (int i = 0; i < VPL; ++i)
-    if (lane + 32 * i < E) m = fmaxf(m, x[i]);
-#pragma unroll
-  for (int d = 16; d > 0; d >>= 1) m = fmaxf(m, __shfl_xor_sync(kFull, m, d));
+  const float m = warp_row_max<VPL>(x, lane, E);
   float s = 0.0f;
 #pragma unroll
   for (int i = 0; i < VPL; ++i) {
@@ -341,12 +350,7 @@ __global__ void __launch_bounds__(2 * kKeysRows * 32) keys_wide_kernel(Params p)
 #pragma unroll
     for (int j = 0; j < H; ++j) x[j] = sigmoid_score(x[j]);
   } else {
-    float mm = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < H; ++j)
-      if (e0 + 32 * j < E) mm = fmaxf(mm, x[j]);
-#pragma unroll
-    for (int d = 16; d > 0; d >>= 1) mm = fmaxf(mm, __shfl_xor_sync(kFull, mm, d));
+    const float mm = warp_row_max<H>(x, e0, E);
     if (lane == 0) s_max[r][hw] = mm;
     __syncthreads();
     m = fmaxf(s_max[r][0], s_max[r][1]);
