@@ -2240,26 +2240,26 @@ cudaError_t launch_vpl(Params p, cudaStream_t stream, bool pdl) {
   if (p.sigmoid) p.stats = nullptr;
   if (!use_transpose(p.T, p.E, p.fused_max)) p.keys_t = nullptr;  // the select kernel gathers its column
   if (p.keys_t != nullptr || !p.sigmoid) {           // keys and/or statistics
-    bool half = false;
+    bool launched = false;  // one of the keys kernel's variants
     if constexpr (VPL <= 2) {
       if (p.T >= p.keys_half_min_t) {
         const size_t tile = p.keys_t ? static_cast<size_t>(p.E) * (kKeysHalfRows + 1) * sizeof(uint32_t) : 0;
         if ((err = allow_smem(keys_half_kernel<DT, VPL>, tile)) != cudaSuccess) return err;
         err = launch(keys_half_kernel<DT, VPL>, (p.T + kKeysHalfRows - 1) / kKeysHalfRows, kKeysRows * 32, tile,
                      stream, false, p);
-        half = true;
+        launched = true;
       }
     }
     if constexpr (VPL == 16) {  // v30: 256 < E <= 512 only (it lost at E = 128-256 and above T = 2048)
-      if (!half && p.T <= p.keys_wide_max_t) {
+      if (!launched && p.T <= p.keys_wide_max_t) {
         const size_t tile = p.keys_t ? static_cast<size_t>(p.E) * (kKeysRows + 1) * sizeof(uint32_t) : 0;
         if ((err = allow_smem(keys_wide_kernel<DT, VPL>, tile)) != cudaSuccess) return err;
         err = launch(keys_wide_kernel<DT, VPL>, (p.T + kKeysRows - 1) / kKeysRows, 2 * kKeysRows * 32, tile, stream,
                      false, p);
-        half = true;
+        launched = true;
       }
     }
-    if (!half) {
+    if (!launched) {
       const size_t tile = p.keys_t ? static_cast<size_t>(p.E) * (kKeysRows + 1) * sizeof(uint32_t) : 0;
       if ((err = allow_smem(keys_kernel<DT, VPL>, tile)) != cudaSuccess) return err;
       err = launch(keys_kernel<DT, VPL>, (p.T + kKeysRows - 1) / kKeysRows, kKeysRows * 32, tile, stream, false, p);
