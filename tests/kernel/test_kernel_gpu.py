@@ -725,3 +725,18 @@ def test_keys_two_warps_a_row_run_where_chosen(kernel, monkeypatch):
     assert "keys_wide" not in kernel_names(kernel, random_logits(256, 513, torch.bfloat16), 8)
     monkeypatch.setenv(WIDE_KNOB, "0")
     assert "keys_wide" not in kernel_names(kernel, random_logits(256, 512, torch.bfloat16), 10)
+
+
+@pytest.mark.parametrize("T", [9000, 16384, 40000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_radix_select_narrow_columns(kernel, T, dtype):
+    """v29: the large-T select's first digit is the keys' top 12 bits (no skip of the bits a
+    column shares), so columns whose keys all share them (nearly equal scores, differing in
+    the last bits) put every key into one first-pass bin and are settled by the later
+    passes; also a column of one repeated key (every key tied) and T past the cached 16384."""
+    g = torch.Generator(device="cuda").manual_seed(T)
+    base = torch.randn(1, 64, generator=g, device="cuda") * 0.01
+    logits = (base + torch.randn(T, 64, generator=g, device="cuda") * 1e-4).to(dtype)
+    logits[:, 5] = 0.25  # one expert's column: a single key repeated
+    for fill in ("drop", "topk"):
+        check(kernel, logits, 8, f"narrow T={T} {dtype} {fill}", fill=fill)
