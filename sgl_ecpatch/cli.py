@@ -474,6 +474,7 @@ def _print_roots(models: list) -> None:
         else:
             lines.append(f"  vendored package: {_fields(info)}")
             lines.append(f"  kernel: {_kernel_status()}")
+            lines.append(f"  kernel knobs in this shell: {_kernel_knobs()}")
         lines.append(f"  {BACKEND_ENV_VAR}={backend if backend is not None else '(unset: auto)'}")
         ui.data_console.print("\n".join(lines), markup=False)
 
@@ -505,6 +506,20 @@ def _kernel_status() -> str:
         return str(build_status())
     except Exception as exc:
         return f"unknown ({type(exc).__name__}: {exc})"
+
+
+def _kernel_knobs() -> str:
+    """The SGL_ECPATCH_KERNEL_* tuning knobs set here (a server started from this shell
+    inherits them), with a value that would make every kernel call raise called out."""
+    try:
+        from sgl_ecpatch.runtime import kernel
+    except Exception as exc:  # torch missing or broken: _kernel_status says so
+        return f"not checked ({type(exc).__name__})"
+    knobs_set = getattr(kernel, "knobs_set", None)
+    if knobs_set is None:
+        return "unknown (this ecpatch has no knob report)"
+    found = knobs_set()
+    return "; ".join(found) if found else "none set (the measured defaults)"
 
 
 # ---- the commands of other areas ------------------------------------------------------------

@@ -200,6 +200,28 @@ def test_try_load_without_gpu_never_raises():
     assert mod is None and reason
 
 
+def test_knobs_read_from_the_environment(monkeypatch):
+    for name in kernel.KNOBS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv(kernel.PDL_KNOB, raising=False)
+    assert kernel.knob("SGL_ECPATCH_KERNEL_KEYS_HALF_MIN_T") == 4097
+    assert kernel.knobs_set() == []
+    monkeypatch.setenv("SGL_ECPATCH_KERNEL_KEYS_HALF_MIN_T", " 8193 ")
+    monkeypatch.setenv("SGL_ECPATCH_KERNEL_RANK_MAX", "")  # empty: the default
+    assert kernel.knob("SGL_ECPATCH_KERNEL_KEYS_HALF_MIN_T") == 8193
+    assert kernel.knob("SGL_ECPATCH_KERNEL_RANK_MAX") == kernel.RANK_MAX_DEFAULT
+    monkeypatch.setenv("SGL_ECPATCH_KERNEL_FUSED_MAX", "16k")
+    with pytest.raises(ValueError, match="SGL_ECPATCH_KERNEL_FUSED_MAX='16k' is not an integer"):
+        kernel.knob("SGL_ECPATCH_KERNEL_FUSED_MAX")
+    monkeypatch.setenv(kernel.PDL_KNOB, "0")
+    assert kernel.knobs_set() == [
+        "SGL_ECPATCH_KERNEL_PDL=0 (PDL off)",
+        "SGL_ECPATCH_KERNEL_FUSED_MAX='16k' (not an integer: every kernel call would raise)",
+        "SGL_ECPATCH_KERNEL_RANK_MAX=96 (the default)",
+        "SGL_ECPATCH_KERNEL_KEYS_HALF_MIN_T=8193",
+    ]
+
+
 def test_import_builds_nothing(tmp_path):
     code = ("import os, sys; os.environ['SGL_ECPATCH_CACHE'] = sys.argv[1]; "
             "import sgl_ecpatch.runtime.kernel as k; "

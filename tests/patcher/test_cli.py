@@ -158,6 +158,19 @@ def test_status_table_and_importers(runner, tree, vendor_calls):
     assert row["imported_by"] == [{"file": "sglang/srt/models/qwen3_next.py", "names": ["Qwen2MoeSparseMoeBlock"]}]
 
 
+def test_status_shows_the_kernel_knobs_of_this_shell(runner, tree, vendor_calls, monkeypatch):
+    assert invoke(runner, "enable", "sglang").exit_code == 0
+    for name in ("SGL_ECPATCH_KERNEL_PDL", "SGL_ECPATCH_KERNEL_FUSED_MAX"):
+        monkeypatch.delenv(name, raising=False)
+    result = invoke(runner, "status", "sglang")
+    assert "kernel knobs in this shell: none set (the measured defaults)" in result.stdout
+    result = invoke(runner, "status", "sglang",
+                    env={"SGL_ECPATCH_KERNEL_PDL": "0", "SGL_ECPATCH_KERNEL_FUSED_MAX": "lots"})
+    assert result.exit_code == 0
+    assert "SGL_ECPATCH_KERNEL_PDL=0 (PDL off)" in result.stdout
+    assert "SGL_ECPATCH_KERNEL_FUSED_MAX='lots' (not an integer: every kernel call would raise)" in result.stdout
+
+
 def test_status_reports_unsupported_with_reason(runner, tree):
     model = tree / MODEL_REL
     model.write_text(model.read_text().replace("layer_id=layer_id,", "layer_id=layer_id,\n            use_grouped_topk=True,"))

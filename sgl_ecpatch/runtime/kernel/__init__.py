@@ -31,12 +31,15 @@ from . import _build
 from ._build import KernelBuildError
 
 __all__ = [
+    "KNOBS",
     "KernelBuildError",
     "MAX_EXPERTS",
     "MAX_TOP_K",
     "build",
     "build_status",
     "expert_choice_topk_cuda",
+    "knob",
+    "knobs_set",
     "supports",
     "try_load",
 ]
@@ -52,6 +55,18 @@ RANK_MAX_DEFAULT = 96  # the one-cluster kernel where its ranks take at most thi
 SMEM_LIMIT_DEFAULT = 0  # shared memory a block may have, bytes (0: the device's opt-in maximum)
 KEYS_HALF_MIN_T_DEFAULT = 4097  # from here the keys kernel takes two rows a warp where E <= 64 (v28)
 KEYS_WIDE_MAX_T_DEFAULT = 256  # up to here the keys kernel takes two warps a row where 256 < E <= 512 (v30)
+PDL_KNOB = "SGL_ECPATCH_KERNEL_PDL"  # "0": no programmatic dependent launch; anything else: on
+# The integer tuning knobs, read from the environment per call: name -> default.
+KNOBS = {
+    "SGL_ECPATCH_KERNEL_FUSED_MAX": FUSED_MAX_DEFAULT,
+    "SGL_ECPATCH_KERNEL_CLUSTER_MAX_T": CLUSTER_MAX_T_DEFAULT,
+    "SGL_ECPATCH_KERNEL_SELECT_SPLIT": SELECT_SPLIT_AUTO,
+    "SGL_ECPATCH_KERNEL_ROW_MAX_T": ROW_MAX_T_DEFAULT,
+    "SGL_ECPATCH_KERNEL_RANK_MAX": RANK_MAX_DEFAULT,
+    "SGL_ECPATCH_KERNEL_SMEM_LIMIT": SMEM_LIMIT_DEFAULT,
+    "SGL_ECPATCH_KERNEL_KEYS_HALF_MIN_T": KEYS_HALF_MIN_T_DEFAULT,
+    "SGL_ECPATCH_KERNEL_KEYS_WIDE_MAX_T": KEYS_WIDE_MAX_T_DEFAULT,
+}
 
 _DTYPE_CODES = {"torch.float32": 0, "torch.bfloat16": 1, "torch.float16": 2}
 _load_lock = threading.Lock()
@@ -123,6 +138,37 @@ def try_load(device=None):
 def build(arch=None, progress: Optional[Callable[[str], None]] = None) -> Path:
     """Build (or find cached) the kernel for `arch` (default: current GPU); returns the .so path."""
     return _build.build(arch, progress)
+
+
+def knob(name: str) -> int:
+    """Integer tuning knob `name` (a key of KNOBS) from the environment, its default when
+    unset or empty. ValueError naming the knob where the value is not an integer."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return KNOBS[name]
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not an integer (default {KNOBS[name]}); unset it or fix it") from None
+
+
+def knobs_set() -> list:
+    """The kernel's tuning knobs set in this environment, as 'NAME=value' (with what is
+    wrong where a value would make every kernel call raise): what `ecpatch status` shows."""
+    out = []
+    pdl = os.environ.get(PDL_KNOB)
+    if pdl is not None:
+        out.append(f"{PDL_KNOB}={pdl}" + (" (PDL off)" if pdl.strip() == "0" else ""))
+    for name in KNOBS:
+        if name not in os.environ:
+            continue
+        try:
+            value = knob(name)
+        except ValueError:
+            out.append(f"{name}={os.environ[name]!r} (not an integer: every kernel call would raise)")
+            continue
+        out.append(f"{name}={value}" + (" (the default)" if value == KNOBS[name] else ""))
+    return out
 
 
 def build_status() -> str:
@@ -289,15 +335,15 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
 
     num, den = capacity_fraction(float(capacity_factor), num_experts)
     # tuning knobs, read per call (a captured graph keeps the choice made at capture)
-    pdl = int(os.environ.get("SGL_ECPATCH_KERNEL_PDL", "1") != "0")
-    fused_max = int(os.environ.get("SGL_ECPATCH_KERNEL_FUSED_MAX", str(FUSED_MAX_DEFAULT)))
-    cluster_max_t = int(os.environ.get("SGL_ECPATCH_KERNEL_CLUSTER_MAX_T", str(CLUSTER_MAX_T_DEFAULT)))
-    select_split = int(os.environ.get("SGL_ECPATCH_KERNEL_SELECT_SPLIT", str(SELECT_SPLIT_AUTO)))
-    row_max_t = int(os.environ.get("SGL_ECPATCH_KERNEL_ROW_MAX_T", str(ROW_MAX_T_DEFAULT)))
-    rank_max = int(os.environ.get("SGL_ECPATCH_KERNEL_RANK_MAX", str(RANK_MAX_DEFAULT)))
-    smem_limit = int(os.environ.get("SGL_ECPATCH_KERNEL_SMEM_LIMIT", str(SMEM_LIMIT_DEFAULT)))
-    keys_half_min_t = int(os.environ.get("SGL_ECPATCH_KERNEL_KEYS_HALF_MIN_T", str(KEYS_HALF_MIN_T_DEFAULT)))
-    keys_wide_max_t = int(os.environ.get("SGL_ECPATCH_KERNEL_KEYS_WIDE_MAX_T", str(KEYS_WIDE_MAX_T_DEFAULT)))
+    pdl = int(os.environ.get(PDL_KNOB, "1").strip() != "0")
+    fused_max = knob("SGL_ECPATCH_KERNEL_FUSED_MAX")
+    cluster_max_t = knob("SGL_ECPATCH_KERNEL_CLUSTER_MAX_T")
+    select_split = knob("SGL_ECPATCH_KERNEL_SELECT_SPLIT")
+    row_max_t = knob("SGL_ECPATCH_KERNEL_ROW_MAX_T")
+    rank_max = knob("SGL_ECPATCH_KERNEL_RANK_MAX")
+    smem_limit = knob("SGL_ECPATCH_KERNEL_SMEM_LIMIT")
+    keys_half_min_t = knob("SGL_ECPATCH_KERNEL_KEYS_HALF_MIN_T")
+    keys_wide_max_t = knob("SGL_ECPATCH_KERNEL_KEYS_WIDE_MAX_T")
     dev_index = device.index if device.index is not None else torch.cuda.current_device()
     # the one-block path keeps T * E keys and scores in shared memory: at most what the card
     # holds (the workspace and the launch must agree on it)
