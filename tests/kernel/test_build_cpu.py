@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ast
+import ctypes
 import json
 import multiprocessing
+import re
 import shutil
 import subprocess
 import sys
@@ -290,6 +292,18 @@ def test_cu_compiles_for_sm90_without_spills(tmp_path):
     assert "bytes spill" in out.stderr
     spills = [ln for ln in out.stderr.splitlines() if "spill" in ln and not ln.strip().startswith("0 bytes stack")]
     assert not [s for s in spills if " 0 bytes spill stores, 0 bytes spill loads" not in s], spills
+    # the library links and loads without a GPU; its C interface version and the number of
+    # ec_route's parameters agree with what the Python side declares
+    lib_path = tmp_path / "ec.so"
+    out = subprocess.run(["nvcc", "-shared", str(tmp_path / "ec.o"), "-o", str(lib_path)], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lib = _build.open_library(lib_path)
+    source = (KERNEL_DIR / "expert_choice.cu").read_text()
+    params = re.search(r"int ec_route\(([^)]*)\)", source).group(1)
+    assert len(lib.ec_route.argtypes) == params.count(",") + 1
+    args = [None if t is ctypes.c_void_p else 0 for t in lib.ec_route.argtypes]
+    assert lib.ec_route(*args) == -1  # E = 0: refused before any CUDA call
 
 
 # ----------------------------------------------------------------------------- CLI
