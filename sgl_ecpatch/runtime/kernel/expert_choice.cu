@@ -282,6 +282,20 @@ __device__ __forceinline__ void allow_dependents() {
 
 constexpr int kKeysRows = 8;
 
+// The last step of the keys kernels: a block's tile of ROWS rows (tile[e][ROWS + 1], rows
+// t0 .. t0 + rows - 1 valid) goes out to keys_t[e][t0 + row]. Lane -> (expert
+// 32 / ROWS * warp + lane / ROWS, row lane % ROWS): each expert's ROWS keys are one
+// contiguous store of ROWS * 4 bytes (8 rows: a 32-byte sector).
+template <int ROWS>
+__device__ __forceinline__ void store_key_tile(const Params& p, const uint32_t* tile, int E, int t0, int rows,
+                                               int warp, int warps, int lane) {
+  constexpr int kPerWarp = 32 / ROWS;  // experts a warp stores at once
+  const int r = lane % ROWS;
+  for (int e = warp * kPerWarp + lane / ROWS; e < E; e += warps * kPerWarp) {
+    if (r < rows) p.keys_t[static_cast<long long>(e) * p.T + t0 + r] = tile[e * (ROWS + 1) + r];
+  }
+}
+
 template <int DT, int VPL>
 __global__ void __launch_bounds__(kKeysRows * 32) keys_kernel(Params p) {
   extern __shared__ uint32_t tile[];  // [E][kKeysRows + 1]
@@ -309,11 +323,7 @@ __global__ void __launch_bounds__(kKeysRows * 32) keys_kernel(Params p) {
   __syncthreads();
   const int rows = min(kKeysRows, n - t0);
   if (rows <= 0) return;
-  // lane -> (expert e0 + lane / 8, row lane % 8): a warp stores 4 experts' sectors
-  const int r = lane & 7;
-  for (int e = warp * 4 + (lane >> 3); e < E; e += kKeysRows * 4) {
-    if (r < rows) p.keys_t[static_cast<long long>(e) * p.T + t0 + r] = tile[e * (kKeysRows + 1) + r];
-  }
+  store_key_tile<kKeysRows>(p, tile, E, t0, rows, warp, kKeysRows, lane);
 }
 
 // Kernel 1 for 256 < E <= 512 at small T (v30): two warps a row, 16 warps a block of 8
@@ -394,12 +404,7 @@ __global__ void __launch_bounds__(2 * kKeysRows * 32) keys_wide_kernel(Params p)
     }
   }
   __syncthreads();
-  const int rows = min(kKeysRows, n - t0);
-  // lane -> (expert e0 + lane / 8, row lane % 8): a warp stores 4 experts' sectors
-  const int rr = lane & 7;
-  for (int e = warp * 4 + (lane >> 3); e < E; e += 2 * kKeysRows * 4) {
-    if (rr < rows) p.keys_t[static_cast<long long>(e) * p.T + t0 + rr] = tile[e * (kKeysRows + 1) + rr];
-  }
+  store_key_tile<kKeysRows>(p, tile, E, t0, min(kKeysRows, n - t0), warp, 2 * kKeysRows, lane);
 }
 
 // Kernel 1 for E <= 64 at large T (v28): two rows a warp, one per half-warp. At E = 60,
@@ -482,11 +487,7 @@ __global__ void __launch_bounds__(kKeysRows * 32) keys_half_kernel(Params p) {
     }
   }
   __syncthreads();
-  const int rows = min(kKeysHalfRows, n - t0);
-  // lane -> (expert e0 + lane / 16, row lane % 16): a half-warp stores one expert's 64 bytes
-  for (int e = 2 * (threadIdx.x >> 5) + (lane >> 4); e < E; e += 2 * kKeysRows) {
-    if (h < rows) p.keys_t[static_cast<long long>(e) * p.T + t0 + h] = tile[e * (kKeysHalfRows + 1) + h];
-  }
+  store_key_tile<kKeysHalfRows>(p, tile, E, t0, min(kKeysHalfRows, n - t0), threadIdx.x >> 5, kKeysRows, lane);
 }
 
 // cnt + (kj > kt) given nkt = ~kt: the carry out of kj + ~kt (set iff kj > kt). ptxas
