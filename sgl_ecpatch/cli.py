@@ -493,33 +493,30 @@ def _fields(info) -> str:
     return ", ".join(f"{k}={v}" for k, v in fields.items())
 
 
-def _kernel_status() -> str:
+def _kernel_report(attr: str, missing: str) -> str:
+    """`str(kernel.<attr>())` of the runtime's kernel package, or why it cannot be had."""
     # Imported only here: the runtime pulls in torch, which `status` should not pay for otherwise.
     try:
         from sgl_ecpatch.runtime import kernel
     except Exception as exc:  # torch missing or broken: say so instead of failing status
         return f"unavailable ({type(exc).__name__}: {exc})"
-    build_status = getattr(kernel, "build_status", None)
-    if build_status is None:
-        return "unknown (this ecpatch has no kernel build report)"
+    report = getattr(kernel, attr, None)
+    if report is None:
+        return f"unknown (this ecpatch has no {missing})"
     try:
-        return str(build_status())
+        return str(report())
     except Exception as exc:
         return f"unknown ({type(exc).__name__}: {exc})"
+
+
+def _kernel_status() -> str:
+    return _kernel_report("build_status", "kernel build report")
 
 
 def _kernel_knobs() -> str:
     """The SGL_ECPATCH_KERNEL_* tuning knobs set here (a server started from this shell
     inherits them), with a value that would make every kernel call raise called out."""
-    try:
-        from sgl_ecpatch.runtime import kernel
-    except Exception as exc:  # torch missing or broken: _kernel_status says so
-        return f"not checked ({type(exc).__name__})"
-    knobs_set = getattr(kernel, "knobs_set", None)
-    if knobs_set is None:
-        return "unknown (this ecpatch has no knob report)"
-    found = knobs_set()
-    return "; ".join(found) if found else "none set (the measured defaults)"
+    return _kernel_report("knobs_text", "knob report")
 
 
 # ---- the commands of other areas ------------------------------------------------------------

@@ -40,6 +40,7 @@ __all__ = [
     "expert_choice_topk_cuda",
     "knob",
     "knobs_set",
+    "knobs_text",
     "supports",
     "try_load",
 ]
@@ -169,6 +170,12 @@ def knobs_set() -> list:
             continue
         out.append(f"{name}={value}" + (" (the default)" if value == KNOBS[name] else ""))
     return out
+
+
+def knobs_text() -> str:
+    """knobs_set() as one line: `ecpatch status`'s report of this environment's knobs."""
+    found = knobs_set()
+    return "; ".join(found) if found else "none set (the measured defaults)"
 
 
 def build_status() -> str:
