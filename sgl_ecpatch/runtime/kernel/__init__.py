@@ -13,8 +13,9 @@ Contract used by sgl_ecpatch.runtime's dispatcher (docs/TEAM.md):
     supports(num_experts, top_k) -> reason_or_None   shapes the kernel cannot take
 
 Importing this package builds nothing and touches no GPU. The sources sit next to
-this file (`expert_choice.cu`), so the package can be vendored into an SGLang tree
-as it is; see `_build.py` for the cache, the lock and the build itself.
+this file (`expert_choice.cu`, `ec_*.cu`, `ec_*.cuh`), so the package can be vendored
+into an SGLang tree as it is; see `_build.py` for the cache, the lock and the build
+itself.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Build, cache and load the expert-choice CUDA kernel (torch + stdlib only).
 
-The kernel source (`expert_choice.cu`, next to this file) has no torch include: it
-exports plain C functions that `__init__.py` calls through ctypes. It is compiled
-with `torch.utils.cpp_extension.load(is_python_module=False)` on first use, into
+The kernel sources (`expert_choice.cu` and the `ec_*.cu` / `ec_*.cuh` files next to this
+file) have no torch include: they export plain C functions that `__init__.py` calls
+through ctypes. They are compiled with `torch.utils.cpp_extension.load(is_python_module=False)`
+on first use (ninja compiles the .cu files in parallel), into
 
     $SGL_ECPATCH_CACHE/kernels/<key>/     (default ~/.cache/sgl-ecpatch/kernels/<key>/)
 
@@ -10,8 +11,8 @@ where <key> hashes the sources, the compiler flags, the torch and CUDA versions 
 the GPU arch. A file lock (fcntl) next to that folder makes the tensor-parallel ranks
 of one server build once: the first rank builds, the others wait and load. A build
 is complete once `build.json` is written; a cached load only hashes the sources and
-opens the shared library (no compiler, no ninja run): 0.26 s in a fresh process on
-the H200 machine, against 15-17 s for a cold build.
+opens the shared library (no compiler, no ninja run): 0.26-0.42 s in a fresh process on
+the H200 machine.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from typing import Callable, Optional
 logger = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).resolve().parent
-SOURCES = ("expert_choice.cu",)
+# compiled (in parallel), expert_choice.cu (the C interface) first
+SOURCES = ("expert_choice.cu", "ec_keys.cu", "ec_select.cu", "ec_token.cu", "ec_fused.cu", "ec_cluster.cu")
+HEADERS = ("ec_common.cuh", "ec_token.cuh")  # included; hashed into the cache key with the sources
 ABI_VERSION = 11  # must match ec_abi_version() in expert_choice.cu
 BASE_CUDA_FLAGS = ("-O3", "-lineinfo", "-std=c++17")
 LIB_STEM = "sgl_ecpatch_expert_choice"
@@ -130,7 +133,7 @@ def cache_key(arch: str, env: Optional[dict] = None, sources: Optional[dict] = N
     """Hash of the sources, flags, torch and CUDA versions and GPU arch."""
     env = env if env is not None else environment(arch)
     if sources is None:
-        sources = {name: (KERNEL_DIR / name).read_bytes() for name in SOURCES}
+        sources = {name: (KERNEL_DIR / name).read_bytes() for name in SOURCES + HEADERS}
     h = hashlib.sha256()
     for name in sorted(sources):
         h.update(name.encode() + b"\0" + sources[name] + b"\0")
@@ -223,9 +226,9 @@ def build(arch: Optional[str] = None, progress: Optional[Callable[[str], None]] 
             shutil.rmtree(out_dir, ignore_errors=True)  # leftovers of a failed build
         out_dir.mkdir(parents=True, exist_ok=True)
         log_path = out_dir / "build.log"
-        say(f"compiling expert_choice.cu for sm_{arch}")
+        say(f"compiling {len(SOURCES)} kernel sources for sm_{arch}")
         if progress is None:
-            logger.info("expert-choice: building the CUDA kernel for sm_%s once (about 20 s), cache %s",
+            logger.info("expert-choice: building the CUDA kernel for sm_%s once (15-50 s), cache %s",
                         arch, out_dir)
         t0 = time.perf_counter()
         try:
@@ -248,7 +251,7 @@ def build(arch: Optional[str] = None, progress: Optional[Callable[[str], None]] 
 
 
 def open_library(path: Path):
-    """ctypes handle with the C signatures of expert_choice.cu set."""
+    """ctypes handle with the C signatures of expert_choice.cu's interface set."""
     lib = ctypes.CDLL(str(path))
     c = ctypes
     lib.ec_abi_version.restype = c.c_int

@@ -1,0 +1,64 @@
+// Expert-choice routing: the token kernel, the third of the three launches (see
+// expert_choice.cu for the overview).
+
+#include "ec_token.cuh"
+
+namespace ec {
+
+template <int DT, int VPL>
+__global__ void __launch_bounds__(kTokenWarps * 32) token_route_kernel(Params p) {
+  __shared__ WarpScratch scratch[kTokenWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int t = blockIdx.x * kTokenWarps + warp;
+  if (t >= p.T) return;  // never a whole block: the others wait below
+  const int n = read_n(p);
+  // the logits are the caller's: load them before waiting for the select kernel, and
+  // (v22) their scores too, computed as keys_kernel computes them (scores_in_place: the
+  // same bits), so that after the wait only the thresholds are read. Not where the screen
+  // runs (it skips most exact scores, using the keys kernel's statistics), nor above
+  // T = 4096, where most rows start after the select anyway and the row's max and sum
+  // cost more than reading them (E = 60 T = 16384 +0.7 µs, H200).
+  const bool screened = p.screen && !p.fill_topk && !p.sigmoid;
+  const bool early = !screened && p.T <= kEarlyScoresMaxT;
+  float x[VPL];
+  if (t < n) {  // uniform per warp
+    load_row<DT, VPL>(p.logits, t, p.E, lane, x);
+    if (early) {
+      float m, s;
+      scores_in_place<VPL>(x, p.E, lane, p.sigmoid, m, s);
+    }
+  }
+  wait_for_predecessor();  // before any exit: our completion must imply the select's
+  if (t >= n) {  // padding row
+    write_padding_row(p, t, lane);
+    return;
+  }
+  if (!early) {
+    if (p.sigmoid) {
+#pragma unroll
+      for (int i = 0; i < VPL; ++i) x[i] = sigmoid_score(x[i]);
+    } else {
+      const float2 st = p.stats[t];  // from keys_kernel, the same bits as its scores
+      if (screened && route_token_screened<VPL>(p, t, lane, x, st.x, st.y, scratch[warp])) return;
+#pragma unroll
+      for (int i = 0; i < VPL; ++i) x[i] = softmax_score(x[i], st.x, st.y);
+    }
+  }
+  route_token<VPL, 32>(p, t, lane, x, scratch[warp], [&](int e, uint32_t key) {
+    const uint32_t tk = p.thr_key[e];
+    const int tt = p.thr_tok[e];
+    return (key > tk) | ((key == tk) & (t <= tt));  // both read, no branch
+  });
+}
+
+template <int DT, int VPL>
+cudaError_t launch_token(const Params& p, cudaStream_t stream, bool pdl) {
+  return launch(token_route_kernel<DT, VPL>, (p.T + kTokenWarps - 1) / kTokenWarps, kTokenWarps * 32, 0, stream, pdl,
+                p);
+}
+
+#define EC_INST(DT, VPL) template cudaError_t launch_token<DT, VPL>(const Params&, cudaStream_t, bool);
+EC_FOR_DT_VPL(EC_INST)
+#undef EC_INST
+
+}  // namespace ec
