@@ -228,7 +228,7 @@ def build(arch: Optional[str] = None, progress: Optional[Callable[[str], None]] 
         log_path = out_dir / "build.log"
         say(f"compiling {len(SOURCES)} kernel sources for sm_{arch}")
         if progress is None:
-            logger.info("expert-choice: building the CUDA kernel for sm_%s once (15-50 s), cache %s",
+            logger.info("expert-choice: building the CUDA kernel for sm_%s once (about 20 s), cache %s",
                         arch, out_dir)
         t0 = time.perf_counter()
         try:
