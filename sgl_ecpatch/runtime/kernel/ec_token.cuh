@@ -51,9 +51,12 @@ constexpr int kFusedCand = 64;
 
 // Writes row t's k slots. `sc_row` holds the row's scores (S[t, lane + 32 i]);
 // is_chosen(e, key) says whether expert e chose token t.
-template <int VPL, int CAND, typename ChosenFn>
+// With KEYS, `keys` holds the row's keys already (row_keys; the token kernel computes them
+// before it waits for the select kernel, v32).
+template <int VPL, int CAND, bool KEYS = false, typename ChosenFn>
 __device__ __forceinline__ void route_token(const Params& p, int t, int lane, const float (&sc_row)[VPL],
-                                            WarpScratchT<CAND>& ws, ChosenFn is_chosen) {
+                                            WarpScratchT<CAND>& ws, ChosenFn is_chosen,
+                                            const uint32_t* keys = nullptr) {
   const int k = p.k;
   const long long out_base = static_cast<long long>(t) * k;
   unsigned long long rank[VPL];
@@ -63,12 +66,12 @@ __device__ __forceinline__ void route_token(const Params& p, int t, int lane, co
   // ptxas waited for each element's loads inside its branch, VPL dependent round trips
   // per row (seen in the SASS of the token kernel and of kernel C).
   float b[VPL];
-  bias_row<VPL>(p, lane, b);
+  if constexpr (!KEYS) bias_row<VPL>(p, lane, b);
 #pragma unroll
   for (int i = 0; i < VPL; ++i) {
     const int e = lane + 32 * i;
     const int ec = e < p.E ? e : p.E - 1;
-    const uint32_t key = okey(sc_row[i] + b[i]);
+    const uint32_t key = KEYS ? keys[i] : okey(sc_row[i] + b[i]);
     const bool chosen = is_chosen(ec, key);
     rank[i] = e < p.E ? (static_cast<unsigned long long>(chosen) << 43) |
                             (static_cast<unsigned long long>(key) << 11) |
@@ -175,6 +178,16 @@ __device__ __forceinline__ void route_token(const Params& p, int t, int lane, co
     p.out_id[out_base + lane] = my_id;
     p.out_w[out_base + lane] = my_w;
   }
+}
+
+// The ranking keys of a row held in registers: key[i] = okey(S[t, lane + 32 i] + bias[e]),
+// as route_token computes them.
+template <int VPL>
+__device__ __forceinline__ void row_keys(const Params& p, int lane, const float (&sc_row)[VPL], uint32_t (&key)[VPL]) {
+  float b[VPL];
+  bias_row<VPL>(p, lane, b);
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) key[i] = okey(sc_row[i] + b[i]);
 }
 
 __device__ __forceinline__ void write_padding_row(const Params& p, int t, int lane) {
