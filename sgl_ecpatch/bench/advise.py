@@ -288,8 +288,9 @@ def _layer_summary(table: dict, preset: Preset, tokens: int) -> str | None:
 
 
 def threshold_rows(table: dict, presets, *, ep_ranks=(1, 8), skews=(DEFAULT_SKEW, "zipf-1"), tokens: int = 16384,
-                   scenario: str = "offline", seeds: int = 1, device: str = "cpu") -> list[dict]:
-    """The advice for each preset x EP size x skew at `tokens` (README's summary)."""
+                   scenario: str = "offline", seeds: int = 2, device: str = "cpu") -> list[dict]:
+    """The advice for each preset x EP size x skew at `tokens` (README's summary): what
+    `ecpatch advise` prints for each, with its default number of draws."""
     rows = []
     for preset in presets:
         for g in ep_ranks:

@@ -126,3 +126,19 @@ def test_dropped_slots_are_not_counted_as_a_gain():
     assert at_n["moe_ec_us"] == pytest.approx(at_n["moe_tc_us"], rel=1e-6)  # T*k us either way
     assert result["verdict"] == "keep-off"
     assert any("quality given away" in r for r in result["reasons"])
+
+
+@needs_runtime
+def test_summary_rows_are_what_the_command_prints():
+    """The README's advise table (threshold_rows, written by benchmarks/bench_gpu.py) gives for
+    each row exactly what `ecpatch advise` computes with its defaults (session 8: the summary
+    drew one sample where the command draws two, and Mixtral's --min-tokens differed)."""
+    table = make_table(ec_route_us=lambda t: 205.0 if t <= 64 else 5.0)
+    rows = advise_mod.threshold_rows(table, [PRESETS["mixtral"]], ep_ranks=(8,), skews=("zipf-0.5",),
+                                     tokens=4096)
+    result = advise_mod.advise(PRESETS["mixtral"], 4096, ep_ranks=8, scenario="offline", table=table,
+                               skew="zipf-0.5", sglang_root="/s")
+    assert len(rows) == 1
+    assert (rows[0]["verdict"], rows[0]["min_tokens"]) == (result["verdict"], result["min_tokens"])
+    assert rows[0]["speedup"] == result["points"][-1]["speedup"]
+    assert rows[0]["gate_mass"] == result["points"][-1]["gate_mass"]
