@@ -5,12 +5,27 @@
 
 namespace ec {
 
+// v34: from E = 257 the block stages every threshold in shared memory after its wait (each
+// thread's loads coalesced and issued together, one round trip), and the slots read them
+// there. Read straight from global memory inside route_token, ptxas issued the VPL pairs of
+// loads a few at a time, each batch waited for before the next: ~6 dependent round trips
+// to the L2 at E = 512 (SASS of <bf16, 16>). H200, E = 512: -0.4 to -0.5 µs at T = 64-1024,
+// -1.2 to -1.9 at T = 4096-8192; at E <= 256, where a lane reads 2-8 pairs, it lost up to
+// 0.5 µs (the barrier), so there the loads stay where they were.
+template <int VPL>
+constexpr bool kStageThresholds = VPL >= 16;
+
 template <int DT, int VPL>
 __global__ void __launch_bounds__(kTokenWarps * 32) token_route_kernel(Params p) {
+  constexpr bool kStaged = kStageThresholds<VPL>;
   __shared__ WarpScratch scratch[kTokenWarps];
+  __shared__ uint32_t sthr_key[kStaged ? 32 * VPL : 1];
+  __shared__ int sthr_tok[kStaged ? 32 * VPL : 1];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int t = blockIdx.x * kTokenWarps + warp;
-  if (t >= p.T) return;  // never a whole block: the others wait below
+  // never a whole block: the others wait below; where the thresholds are staged, a last
+  // block's spare warps (t >= T) stay to help until the block's barrier
+  if (!kStaged && t >= p.T) return;
   const int n = read_n(p);
   // the logits are the caller's: load them before waiting for the select kernel, and
   // (v22) their scores too, computed as keys_kernel computes them (scores_in_place: the
@@ -32,6 +47,28 @@ __global__ void __launch_bounds__(kTokenWarps * 32) token_route_kernel(Params p)
     }
   }
   wait_for_predecessor();  // before any exit: our completion must imply the select's
+  if constexpr (kStaged) {
+    constexpr int kStage = (32 * VPL + kTokenWarps * 32 - 1) / (kTokenWarps * 32);
+    uint32_t sk[kStage];
+    int st[kStage];
+#pragma unroll
+    for (int j = 0; j < kStage; ++j) {
+      const int e = threadIdx.x + kTokenWarps * 32 * j;
+      const int ec = e < p.E ? e : p.E - 1;
+      sk[j] = p.thr_key[ec];
+      st[j] = p.thr_tok[ec];
+    }
+#pragma unroll
+    for (int j = 0; j < kStage; ++j) {
+      const int e = threadIdx.x + kTokenWarps * 32 * j;
+      if (e < p.E) {
+        sthr_key[e] = sk[j];
+        sthr_tok[e] = st[j];
+      }
+    }
+    __syncthreads();
+    if (t >= p.T) return;
+  }
   if (t >= n) {  // padding row
     write_padding_row(p, t, lane);
     return;
@@ -49,8 +86,8 @@ __global__ void __launch_bounds__(kTokenWarps * 32) token_route_kernel(Params p)
     row_keys<VPL>(p, lane, x, keys);
   }
   route_token<VPL, 32, true>(p, t, lane, x, scratch[warp], [&](int e, uint32_t key) {
-    const uint32_t tk = p.thr_key[e];
-    const int tt = p.thr_tok[e];
+    const uint32_t tk = kStaged ? sthr_key[e] : p.thr_key[e];
+    const int tt = kStaged ? sthr_tok[e] : p.thr_tok[e];
     return (key > tk) | ((key == tk) & (t <= tt));  // both read, no branch
   }, keys);
 }
