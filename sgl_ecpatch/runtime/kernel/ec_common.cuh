@@ -146,8 +146,7 @@ struct Params {
   int screen;          // token kernel: screen rows before exact scores (softmax, "drop"; v13)
   float2* stats;       // [T] (m, s) of softmax rows; null: recompute per row
   uint32_t* keys_t;    // [E, T] ordered keys, transposed; null: select gathers them
-  uint32_t* thr_key;   // [E]
-  int* thr_tok;        // [E]
+  unsigned long long* thr;  // [E]: each expert's threshold word (threshold_word; v35)
   float* out_w;        // [T, k]
   int* out_id;         // [T, k]
 };
@@ -212,16 +211,28 @@ __device__ __forceinline__ void bias_row(const Params& p, int lane, float (&b)[V
   }
 }
 
+// An expert's threshold (thr_key, thr_tok) as one 64-bit word (v35): thr_key in the high
+// half, 0x7fffffff - thr_tok in the low half (thr_tok in [-1, 2^31 - 1], so the low half
+// falls as thr_tok grows, -1 giving 2^31). Token t with key `key` is chosen by the expert
+// iff threshold_word(key, t) >= the expert's word: key > thr_key, or key == thr_key and
+// t <= thr_tok. One 64-bit load and one compare where the slots need it (two loads and
+// four compares before).
+__host__ __device__ __forceinline__ unsigned long long threshold_word(uint32_t key, int tok) {
+  return (static_cast<unsigned long long>(key) << 32) | (0x7fffffffu - static_cast<uint32_t>(tok));
+}
+
+__device__ __forceinline__ void write_threshold(const Params& p, int e, uint32_t key, int tok) {
+  p.thr[e] = threshold_word(key, tok);
+}
+
 // Writes the threshold of expert e for the trivial capacities; returns true if done.
 __device__ __forceinline__ bool trivial_threshold(const Params& p, int e, int n, int C) {
-  if (C == 0) {  // nobody chosen
-    p.thr_key[e] = 0xffffffffu;
-    p.thr_tok[e] = -1;
+  if (C == 0) {  // nobody chosen (okey is at most 0xff800000, below this key)
+    write_threshold(p, e, 0xffffffffu, -1);
     return true;
   }
   if (C >= n) {  // every valid token chosen
-    p.thr_key[e] = 0u;
-    p.thr_tok[e] = n;
+    write_threshold(p, e, 0u, n);
     return true;
   }
   return false;

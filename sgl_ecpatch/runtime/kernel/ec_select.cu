@@ -169,8 +169,7 @@ __global__ void __launch_bounds__(kWarpSelectWarps * 32) warp_select_kernel(Para
   int tstar;
   warp_threshold<KPL>(col, n, C, lane, v, tstar);
   if (lane == 0) {
-    p.thr_key[e] = v;
-    p.thr_tok[e] = tstar;
+    write_threshold(p, e, v, tstar);
   }
 }
 
@@ -269,8 +268,7 @@ __global__ void __launch_bounds__(W * 32) block_select_kernel(Params p) {
   if (need < 1 || need > eq) return;  // uniform per warp: exactly one warp goes on
   const int at = nth_equal<KPL>(key, v, n - first, need, lane);
   if (lane == 0) {
-    p.thr_key[e] = v;
-    p.thr_tok[e] = first + at;
+    write_threshold(p, e, v, first + at);
   }
 }
 
@@ -448,8 +446,7 @@ __global__ void __launch_bounds__(kSelectThreadsMax) select_radix_kernel(Params 
   // lowest token indices. When that is all of them, no scan is needed.
   if (s_all_equal_taken) {
     if (tid == 0) {
-      p.thr_key[e] = prefix;
-      p.thr_tok[e] = n;
+      write_threshold(p, e, prefix, n);
     }
     return;
   }
@@ -470,8 +467,7 @@ __global__ void __launch_bounds__(kSelectThreadsMax) select_radix_kernel(Params 
   }
   __syncthreads();
   if (tid == 0) {
-    p.thr_key[e] = prefix;
-    p.thr_tok[e] = s_tok;
+    write_threshold(p, e, prefix, s_tok);
   }
 }
 
@@ -492,7 +488,7 @@ __global__ void __launch_bounds__(kSelectThreadsMax) select_radix_kernel(Params 
 // warp-aggregated with __match_any_sync; later passes see few keys and plain atomics.
 // Ties (keys equal to the threshold): the last pass's local bin is this block's count
 // of them; an exclusive prefix over lower block ranks (DSMEM) names the one block that
-// holds the `remaining`-th tie, and that block writes thr_key[e] and thr_tok[e].
+// holds the `remaining`-th tie, and that block writes the threshold of e.
 // Results are exact integers (integer atomics, integer sums), bit-identical to 2b.
 
 constexpr int kSplitThreads = 256;
@@ -632,8 +628,7 @@ __global__ void __launch_bounds__(kSplitThreads) select_split_kernel(Params p, i
   const unsigned mine = any_pass ? hl[bin] : static_cast<unsigned>(len);
   if (s_all_equal_taken) {
     if (r == 0 && tid == 0) {
-      p.thr_key[e] = prefix;
-      p.thr_tok[e] = n;
+      write_threshold(p, e, prefix, n);
     }
   } else {
     const unsigned before = static_cast<unsigned>(s_before);
@@ -661,8 +656,7 @@ __global__ void __launch_bounds__(kSplitThreads) select_split_kernel(Params p, i
           if (need <= c) {
             const unsigned who = __ballot_sync(kFull, eq && __popc(bal & lt_mask) == need - 1);
             if (lane == 0) {
-              p.thr_key[e] = prefix;
-              p.thr_tok[e] = t_lo + base + __ffs(who) - 1;
+              write_threshold(p, e, prefix, t_lo + base + __ffs(who) - 1);
             }
             break;
           }

@@ -19,8 +19,7 @@ template <int DT, int VPL>
 __global__ void __launch_bounds__(kTokenWarps * 32) token_route_kernel(Params p) {
   constexpr bool kStaged = kStageThresholds<VPL>;
   __shared__ WarpScratch scratch[kTokenWarps];
-  __shared__ uint32_t sthr_key[kStaged ? 32 * VPL : 1];
-  __shared__ int sthr_tok[kStaged ? 32 * VPL : 1];
+  __shared__ unsigned long long sthr[kStaged ? 32 * VPL : 1];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int t = blockIdx.x * kTokenWarps + warp;
   // never a whole block: the others wait below; where the thresholds are staged, a last
@@ -49,22 +48,16 @@ __global__ void __launch_bounds__(kTokenWarps * 32) token_route_kernel(Params p)
   wait_for_predecessor();  // before any exit: our completion must imply the select's
   if constexpr (kStaged) {
     constexpr int kStage = (32 * VPL + kTokenWarps * 32 - 1) / (kTokenWarps * 32);
-    uint32_t sk[kStage];
-    int st[kStage];
+    unsigned long long w[kStage];
 #pragma unroll
     for (int j = 0; j < kStage; ++j) {
       const int e = threadIdx.x + kTokenWarps * 32 * j;
-      const int ec = e < p.E ? e : p.E - 1;
-      sk[j] = p.thr_key[ec];
-      st[j] = p.thr_tok[ec];
+      w[j] = p.thr[e < p.E ? e : p.E - 1];
     }
 #pragma unroll
     for (int j = 0; j < kStage; ++j) {
       const int e = threadIdx.x + kTokenWarps * 32 * j;
-      if (e < p.E) {
-        sthr_key[e] = sk[j];
-        sthr_tok[e] = st[j];
-      }
+      if (e < p.E) sthr[e] = w[j];
     }
     __syncthreads();
     if (t >= p.T) return;
@@ -86,9 +79,7 @@ __global__ void __launch_bounds__(kTokenWarps * 32) token_route_kernel(Params p)
     row_keys<VPL>(p, lane, x, keys);
   }
   route_token<VPL, 32, true>(p, t, lane, x, scratch[warp], [&](int e, uint32_t key) {
-    const uint32_t tk = kStaged ? sthr_key[e] : p.thr_key[e];
-    const int tt = kStaged ? sthr_tok[e] : p.thr_tok[e];
-    return (key > tk) | ((key == tk) & (t <= tt));  // both read, no branch
+    return threshold_word(key, t) >= (kStaged ? sthr[e] : p.thr[e]);
   }, keys);
 }
 

@@ -223,7 +223,7 @@ __device__ __forceinline__ bool route_token_screened(const Params& p, int t, int
   for (int i = 0; i < VPL; ++i) {
     const int e = lane + 32 * i;
     const int ec = e < p.E ? e : p.E - 1;
-    const uint32_t tk = p.thr_key[ec];
+    const uint32_t tk = static_cast<uint32_t>(p.thr[ec] >> 32);  // the threshold's key
     const float a = fmaxf(__expf(x[i] - m) * inv_s * 1.0009765625f, 0x1p-125f);
     const bool pass = e < p.E && okey(a + b[i]) >= tk;
     const unsigned bal = __ballot_sync(kFull, pass);
@@ -240,9 +240,7 @@ __device__ __forceinline__ bool route_token_screened(const Params& p, int t, int
   const int e = mine ? static_cast<int>(ws.cand_rank[lane]) : 0;
   const float sc = mine ? softmax_score(ws.cand_w[lane], m, s) : 0.0f;
   const uint32_t key = okey(sc + bias_at(p, e));
-  const uint32_t tk = p.thr_key[e];
-  const int tt = p.thr_tok[e];
-  const bool chosen = mine && ((key > tk) | ((key == tk) & (t <= tt)));
+  const bool chosen = mine && threshold_word(key, t) >= p.thr[e];
   // rank: larger key first, ties to the lower expert (0: not chosen)
   const unsigned long long rank =
       chosen ? (static_cast<unsigned long long>(key) << 11) | static_cast<unsigned long long>(kMaxExperts - e) : 0ull;

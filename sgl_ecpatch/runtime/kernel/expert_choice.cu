@@ -16,8 +16,8 @@
 //   * ranking keys are mapped to order-preserving uint32 ("okey"), NaN -> 0, so the
 //     total order on (key, token) is an integer order with no float compares;
 //   * per expert, the threshold is the C-th largest (okey, -token) pair of its
-//     column: the kernels write thr_key[e] and thr_tok[e], and token t is chosen by
-//     e iff okey > thr_key[e] || (okey == thr_key[e] && t <= thr_tok[e]);
+//     column (thr_key[e], thr_tok[e], written as one 64-bit word, threshold_word), and
+//     token t is chosen by e iff okey > thr_key[e] || (okey == thr_key[e] && t <= thr_tok[e]);
 //   * per token, one warp ranks (chosen, okey, -e) as a 44-bit integer; the slots
 //     are the ranks of the chosen experts when at most 32 chose it, else k rounds of
 //     a warp-wide max.
@@ -164,8 +164,7 @@ int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bia
   const long long off_thr = static_cast<long long>(T) * 8;
   const long long off_keys = (off_thr + static_cast<long long>(E) * 8 + 255) / 256 * 256;
   p.stats = reinterpret_cast<float2*>(ws);
-  p.thr_key = reinterpret_cast<uint32_t*>(ws + off_thr);
-  p.thr_tok = reinterpret_cast<int*>(ws + off_thr + static_cast<long long>(E) * 4);
+  p.thr = reinterpret_cast<unsigned long long*>(ws + off_thr);  // 8-byte aligned: off_thr = 8 T
   p.keys_t = ec::use_transpose(T, E, fused_max) ? reinterpret_cast<uint32_t*>(ws + off_keys) : nullptr;
   p.out_w = out_w;
   p.out_id = out_id;
