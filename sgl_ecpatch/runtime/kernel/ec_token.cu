@@ -7,11 +7,12 @@ namespace ec {
 
 // v34: from E = 257 the block stages every threshold in shared memory after its wait (each
 // thread's loads coalesced and issued together, one round trip), and the slots read them
-// there. Read straight from global memory inside route_token, ptxas issued the VPL pairs of
-// loads a few at a time, each batch waited for before the next: ~6 dependent round trips
-// to the L2 at E = 512 (SASS of <bf16, 16>). H200, E = 512: -0.4 to -0.5 µs at T = 64-1024,
-// -1.2 to -1.9 at T = 4096-8192; at E <= 256, where a lane reads 2-8 pairs, it lost up to
-// 0.5 µs (the barrier), so there the loads stay where they were.
+// there. Read straight from global memory inside route_token, ptxas issued the lane's VPL
+// pairs of loads (one 64-bit word each since v35) a few at a time, each batch waited for
+// before the next: ~6 dependent round trips to the L2 at E = 512 (SASS of <bf16, 16>).
+// H200, E = 512: -0.4 to -0.5 µs at T = 64-1024, -1.2 to -1.9 at T = 4096-8192; at E <= 256,
+// where a lane reads 2-8 of them, it lost up to 0.5 µs (the barrier), so there the loads
+// stay where they were.
 template <int VPL>
 constexpr bool kStageThresholds = VPL >= 16;
 
