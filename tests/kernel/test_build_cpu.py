@@ -330,6 +330,12 @@ def test_cu_compiles_for_sm90_without_spills(tmp_path):
     assert len(lib.ec_route.argtypes) == params.count(",") + 1
     args = [None if t is ctypes.c_void_p else 0 for t in lib.ec_route.argtypes]
     assert lib.ec_route(*args) == -1  # E = 0: refused before any CUDA call
+    # a workspace that 16-byte loads of the threshold words could not read (v36) is refused,
+    # also before any CUDA call: T = 4, E = 8, k = 2, workspace at address 8
+    args[2], args[3], args[4] = 4, 8, 2
+    args[15] = 8
+    assert lib.ec_route(*args) == -4
+    assert b"16-byte aligned" in lib.ec_error_string(-4)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -227,7 +227,7 @@ __global__ void __launch_bounds__(kClusterWarps * 32, 1) cluster_route_kernel(Pa
     if (t >= n) {
       write_padding_row(p, t, lane);
     } else {
-      route_token<VPL, 32>(p, t, lane, x, scratch[warp], [&](int e, uint32_t key) {
+      route_token<VPL, 32>(p, t, lane, x, scratch[warp], [&](int, int e, uint32_t key) {
         const uint2 th = sthr[e];  // both words in one read, no branch
         return (key > th.x) | ((key == th.x) & (t <= static_cast<int>(th.y)));
       });

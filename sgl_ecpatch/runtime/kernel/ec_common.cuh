@@ -147,6 +147,8 @@ struct Params {
   float2* stats;       // [T] (m, s) of softmax rows; null: recompute per row
   uint32_t* keys_t;    // [E, T] ordered keys, transposed; null: select gathers them
   unsigned long long* thr;  // [E]: each expert's threshold word (threshold_word; v35)
+  unsigned long long* thr_lane;  // [32 VPL]: the same words, a lane's adjacent (v36; write_threshold)
+  int thr_shift;       // log2 VPL
   float* out_w;        // [T, k]
   int* out_id;         // [T, k]
 };
@@ -211,6 +213,19 @@ __device__ __forceinline__ void bias_row(const Params& p, int lane, float (&b)[V
   }
 }
 
+// Elements a lane holds in a row of E experts (expert lane + 32 i, i < VPL), rounded up to
+// the kernels' instances: 2, 4, 8, 16 or 32.
+__host__ __device__ __forceinline__ int vpl_of(int E) {
+  const int v = (E + 31) / 32;
+  return v <= 2 ? 2 : v <= 4 ? 4 : v <= 8 ? 8 : v <= 16 ? 16 : 32;
+}
+
+// log2 vpl_of(E), for Params::thr_shift.
+inline int thr_shift_of(int E) {
+  const int v = vpl_of(E);
+  return v == 2 ? 1 : v == 4 ? 2 : v == 8 ? 3 : v == 16 ? 4 : 5;
+}
+
 // An expert's threshold (thr_key, thr_tok) as one 64-bit word (v35): thr_key in the high
 // half, 0x7fffffff - thr_tok in the low half (thr_tok in [-1, 2^31 - 1], so the low half
 // falls as thr_tok grows, -1 giving 2^31). Token t with key `key` is chosen by the expert
@@ -221,8 +236,16 @@ __host__ __device__ __forceinline__ unsigned long long threshold_word(uint32_t k
   return (static_cast<unsigned long long>(key) << 32) | (0x7fffffffu - static_cast<uint32_t>(tok));
 }
 
+// Each word is written twice (v36): at p.thr[e], and at p.thr_lane[(e % 32) VPL + e / 32],
+// where the words of the experts a lane holds (lane + 32 i, i < VPL) are adjacent, so that
+// the token kernel's lane reads its VPL words with VPL / 2 16-byte loads (read one word at a
+// time, ptxas issued the loads a few at a time, each batch waited for before the next).
+// The thr_lane slots of experts >= E are never written, and what is read from them is
+// masked.
 __device__ __forceinline__ void write_threshold(const Params& p, int e, uint32_t key, int tok) {
-  p.thr[e] = threshold_word(key, tok);
+  const unsigned long long w = threshold_word(key, tok);
+  p.thr[e] = w;
+  p.thr_lane[((e & 31) << p.thr_shift) | (e >> 5)] = w;
 }
 
 // Writes the threshold of expert e for the trivial capacities; returns true if done.
@@ -282,10 +305,6 @@ inline bool use_transpose(int T, int E, int fused_max) {
   return !use_fused(T, E, fused_max) && static_cast<long long>(T) * E <= kTransposeMaxElems;
 }
 
-inline int vpl_of(int E) {
-  const int v = (E + 31) / 32;
-  return v <= 2 ? 2 : v <= 4 ? 4 : v <= 8 ? 8 : v <= 16 ? 16 : 32;
-}
 
 // Launch with programmatic stream serialization (PDL) where `pdl`: the kernel may
 // start before its predecessor ends and waits in wait_for_predecessor().

@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(kFusedThreads) fused_small_kernel(Params p) {
       scores_in_place<VPL>(x, E, lane, p.sigmoid, m, s);
     }
     route_token<VPL, kFusedCand>(p, t, lane, x, scratch[warp],
-                     [&](int e, uint32_t) { return ((chosen_mask[e] >> t) & 1ull) != 0ull; });
+                     [&](int, int e, uint32_t) { return ((chosen_mask[e] >> t) & 1ull) != 0ull; });
   }
 }
 

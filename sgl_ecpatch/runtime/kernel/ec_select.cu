@@ -496,7 +496,9 @@ constexpr int kSplitBits = 8;  // 256 bins: one per thread
 constexpr int kSplitMaxB = 8;  // portable cluster sizes only
 constexpr int kSplitSmemKeysMax = 32768;  // 128 KiB slice per block
 
-__global__ void __launch_bounds__(kSplitThreads) select_split_kernel(Params p, int B, int S) {
+// (kSplitThreads, 1): with no minimum of blocks, ptxas held this kernel to 32 registers and
+// spilled one word once v36 wrote each threshold twice (38 registers with the minimum).
+__global__ void __launch_bounds__(kSplitThreads, 1) select_split_kernel(Params p, int B, int S) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   extern __shared__ uint32_t col[];  // [S]: this block's slice of the column

@@ -16,9 +16,17 @@ namespace ec {
 template <int VPL>
 constexpr bool kStageThresholds = VPL >= 16;
 
-template <int DT, int VPL>
+// v36: LANE (E <= 256, T <= kLaneWordsMaxT, rows scored before the wait): the lane's VPL
+// threshold words in VPL / 2 16-byte loads issued together (thr_lane). H200, E = 256 T =
+// 64-2048: -0.5 to -0.9 µs. Read that way everywhere it lost: where the screen runs (one word
+// an expert, no longer coalesced), at E = 512 (staged), and from T = 4096 at E = 128-256
+// (the words' registers cost occupancy once the rows fill the chip): those keep v35's reads.
+constexpr int kLaneWordsMaxT = 2048;
+
+template <int DT, int VPL, bool LANE>
 __global__ void __launch_bounds__(kTokenWarps * 32) token_route_kernel(Params p) {
   constexpr bool kStaged = kStageThresholds<VPL>;
+  constexpr bool kLane = LANE && !kStaged;
   __shared__ WarpScratch scratch[kTokenWarps];
   __shared__ unsigned long long sthr[kStaged ? 32 * VPL : 1];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -47,6 +55,18 @@ __global__ void __launch_bounds__(kTokenWarps * 32) token_route_kernel(Params p)
     }
   }
   wait_for_predecessor();  // before any exit: our completion must imply the select's
+  unsigned long long th[kLane ? VPL : 1];
+  if constexpr (kLane) {
+    if (early) {  // uniform (the host launches LANE only where it holds)
+      const ulonglong2* src = reinterpret_cast<const ulonglong2*>(p.thr_lane + lane * VPL);
+#pragma unroll
+      for (int j = 0; j < VPL / 2; ++j) {
+        const ulonglong2 v = src[j];
+        th[2 * j] = v.x;
+        th[2 * j + 1] = v.y;
+      }
+    }
+  }
   if constexpr (kStaged) {
     constexpr int kStage = (32 * VPL + kTokenWarps * 32 - 1) / (kTokenWarps * 32);
     unsigned long long w[kStage];
@@ -79,15 +99,20 @@ __global__ void __launch_bounds__(kTokenWarps * 32) token_route_kernel(Params p)
     }
     row_keys<VPL>(p, lane, x, keys);
   }
-  route_token<VPL, 32, true>(p, t, lane, x, scratch[warp], [&](int e, uint32_t key) {
-    return threshold_word(key, t) >= (kStaged ? sthr[e] : p.thr[e]);
+  route_token<VPL, 32, true>(p, t, lane, x, scratch[warp], [&](int i, int e, uint32_t key) {
+    return threshold_word(key, t) >= (kStaged ? sthr[e] : kLane && early ? th[kLane ? i : 0] : p.thr[e]);
   }, keys);
 }
 
 template <int DT, int VPL>
 cudaError_t launch_token(const Params& p, cudaStream_t stream, bool pdl) {
-  return launch(token_route_kernel<DT, VPL>, (p.T + kTokenWarps - 1) / kTokenWarps, kTokenWarps * 32, 0, stream, pdl,
-                p);
+  const int grid = (p.T + kTokenWarps - 1) / kTokenWarps;
+  if constexpr (!kStageThresholds<VPL>) {
+    const bool screened = p.screen && !p.fill_topk && !p.sigmoid;  // as in the kernel
+    if (!screened && p.T <= kLaneWordsMaxT)
+      return launch(token_route_kernel<DT, VPL, true>, grid, kTokenWarps * 32, 0, stream, pdl, p);
+  }
+  return launch(token_route_kernel<DT, VPL, false>, grid, kTokenWarps * 32, 0, stream, pdl, p);
 }
 
 #define EC_INST(DT, VPL) template cudaError_t launch_token<DT, VPL>(const Params&, cudaStream_t, bool);

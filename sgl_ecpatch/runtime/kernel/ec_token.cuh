@@ -50,7 +50,7 @@ using WarpScratch = WarpScratchT<32>;
 constexpr int kFusedCand = 64;
 
 // Writes row t's k slots. `sc_row` holds the row's scores (S[t, lane + 32 i]);
-// is_chosen(e, key) says whether expert e chose token t.
+// is_chosen(i, e, key) says whether expert e (the lane's i-th, clamped below E) chose token t.
 // With KEYS, `keys` holds the row's keys already (row_keys; the token kernel computes them
 // before it waits for the select kernel, v32).
 template <int VPL, int CAND, bool KEYS = false, typename ChosenFn>
@@ -72,7 +72,7 @@ __device__ __forceinline__ void route_token(const Params& p, int t, int lane, co
     const int e = lane + 32 * i;
     const int ec = e < p.E ? e : p.E - 1;
     const uint32_t key = KEYS ? keys[i] : okey(sc_row[i] + b[i]);
-    const bool chosen = is_chosen(ec, key);
+    const bool chosen = is_chosen(i, ec, key);
     rank[i] = e < p.E ? (static_cast<unsigned long long>(chosen) << 43) |
                             (static_cast<unsigned long long>(key) << 11) |
                             static_cast<unsigned long long>(kMaxExperts - e)

@@ -90,11 +90,12 @@ int ec_fused_max_elems(int device, int smem_limit) {
   return max(0, (ec::smem_budget(device, smem_limit) - fixed) / static_cast<int>(2 * sizeof(uint32_t)));
 }
 
-// Bytes of device workspace for T tokens and E experts: row statistics [T], the
-// thresholds [E] twice, and outside the one-launch path (up to 2^24 elements) the
-// transposed keys.
+// Bytes of device workspace for T tokens and E experts: the threshold words in a lane's
+// order [32 VPL] and in expert order [E], row statistics [T], and outside the one-launch
+// path (up to 2^24 elements) the transposed keys. The workspace must be 16-byte aligned
+// (torch's allocations are).
 long long ec_workspace_bytes(int T, int E, int fused_max) {
-  long long bytes = static_cast<long long>(T) * 8 + static_cast<long long>(E) * 8 + 256;
+  long long bytes = (32LL * ec::vpl_of(E) + E + T) * 8 + 256;
   if (ec::use_transpose(T, E, fused_max)) bytes += static_cast<long long>(T) * E * 4;
   return bytes;
 }
@@ -103,6 +104,7 @@ const char* ec_error_string(int code) {
   if (code == -1) return "unsupported shape: E must be in [1, 1024] and k in [1, min(E, 32)]";
   if (code == -2) return "unsupported dtype";
   if (code == -3) return "could not select the CUDA device";
+  if (code == -4) return "the workspace must be 16-byte aligned";
   return cudaGetErrorString(static_cast<cudaError_t>(code));
 }
 
@@ -131,6 +133,7 @@ int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bia
              int keys_wide_max_t) {
   if (E < 1 || E > ec::kMaxExperts || k < 1 || k > E || k > ec::kMaxTopK) return -1;
   if (T <= 0) return 0;
+  if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0) return -4;
   int prev = -1;
   if (cudaGetDevice(&prev) != cudaSuccess) return -3;
   if (prev != device && cudaSetDevice(device) != cudaSuccess) return -3;
@@ -161,10 +164,15 @@ int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bia
   p.smem_limit = ec::smem_budget(device, smem_limit);
   p.screen = 0;
   char* ws = static_cast<char*>(workspace);
-  const long long off_thr = static_cast<long long>(T) * 8;
-  const long long off_keys = (off_thr + static_cast<long long>(E) * 8 + 255) / 256 * 256;
-  p.stats = reinterpret_cast<float2*>(ws);
-  p.thr = reinterpret_cast<unsigned long long*>(ws + off_thr);  // 8-byte aligned: off_thr = 8 T
+  // the lane-order threshold words first (16-byte loads of them need the allocation's
+  // alignment), then the expert-order ones, the row statistics and the transposed keys
+  const long long off_thr = 32LL * ec::vpl_of(E) * 8;
+  const long long off_stats = off_thr + static_cast<long long>(E) * 8;
+  const long long off_keys = (off_stats + static_cast<long long>(T) * 8 + 255) / 256 * 256;
+  p.thr_lane = reinterpret_cast<unsigned long long*>(ws);
+  p.thr_shift = ec::thr_shift_of(E);
+  p.thr = reinterpret_cast<unsigned long long*>(ws + off_thr);
+  p.stats = reinterpret_cast<float2*>(ws + off_stats);
   p.keys_t = ec::use_transpose(T, E, fused_max) ? reinterpret_cast<uint32_t*>(ws + off_keys) : nullptr;
   p.out_w = out_w;
   p.out_id = out_id;
