@@ -215,15 +215,16 @@ __device__ __forceinline__ void bias_row(const Params& p, int lane, float (&b)[V
 
 // Elements a lane holds in a row of E experts (expert lane + 32 i, i < VPL), rounded up to
 // the kernels' instances: 2, 4, 8, 16 or 32.
-__host__ __device__ __forceinline__ int vpl_of(int E) {
+inline int vpl_of(int E) {
   const int v = (E + 31) / 32;
   return v <= 2 ? 2 : v <= 4 ? 4 : v <= 8 ? 8 : v <= 16 ? 16 : 32;
 }
 
 // log2 vpl_of(E), for Params::thr_shift.
 inline int thr_shift_of(int E) {
-  const int v = vpl_of(E);
-  return v == 2 ? 1 : v == 4 ? 2 : v == 8 ? 3 : v == 16 ? 4 : 5;
+  int s = 0;
+  while ((1 << s) < vpl_of(E)) ++s;
+  return s;
 }
 
 // An expert's threshold (thr_key, thr_tok) as one 64-bit word (v35): thr_key in the high

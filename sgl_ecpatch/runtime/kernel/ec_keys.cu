@@ -222,28 +222,27 @@ __global__ void __launch_bounds__(kKeysRows * 32) keys_half_kernel(Params p) {
   store_key_tile<kKeysHalfRows>(p, tile, E, t0, min(kKeysHalfRows, n - t0), threadIdx.x >> 5, kKeysRows, lane);
 }
 
+// One keys kernel: ROWS rows a block of `warps` warps, its tile of [E][ROWS + 1] keys in
+// dynamic shared memory where the keys go out transposed.
+template <int ROWS>
+cudaError_t launch_keys_tiled(void (*kernel)(Params), int warps, const Params& p, cudaStream_t stream) {
+  const size_t tile = p.keys_t ? static_cast<size_t>(p.E) * (ROWS + 1) * sizeof(uint32_t) : 0;
+  const cudaError_t err = allow_smem(kernel, tile);
+  if (err != cudaSuccess) return err;
+  return launch(kernel, (p.T + ROWS - 1) / ROWS, warps * 32, tile, stream, false, p);
+}
+
 template <int DT, int VPL>
 cudaError_t launch_keys(const Params& p, cudaStream_t stream) {
-  cudaError_t err;
   if constexpr (VPL <= 2) {
-    if (p.T >= p.keys_half_min_t) {
-      const size_t tile = p.keys_t ? static_cast<size_t>(p.E) * (kKeysHalfRows + 1) * sizeof(uint32_t) : 0;
-      if ((err = allow_smem(keys_half_kernel<DT, VPL>, tile)) != cudaSuccess) return err;
-      return launch(keys_half_kernel<DT, VPL>, (p.T + kKeysHalfRows - 1) / kKeysHalfRows, kKeysRows * 32, tile,
-                    stream, false, p);
-    }
+    if (p.T >= p.keys_half_min_t)
+      return launch_keys_tiled<kKeysHalfRows>(keys_half_kernel<DT, VPL>, kKeysRows, p, stream);
   }
   if constexpr (VPL == 16) {  // v30: 256 < E <= 512 only (it lost at E = 128-256 and above T = 2048)
-    if (p.T <= p.keys_wide_max_t) {
-      const size_t tile = p.keys_t ? static_cast<size_t>(p.E) * (kKeysRows + 1) * sizeof(uint32_t) : 0;
-      if ((err = allow_smem(keys_wide_kernel<DT, VPL>, tile)) != cudaSuccess) return err;
-      return launch(keys_wide_kernel<DT, VPL>, (p.T + kKeysRows - 1) / kKeysRows, 2 * kKeysRows * 32, tile, stream,
-                    false, p);
-    }
+    if (p.T <= p.keys_wide_max_t)
+      return launch_keys_tiled<kKeysRows>(keys_wide_kernel<DT, VPL>, 2 * kKeysRows, p, stream);
   }
-  const size_t tile = p.keys_t ? static_cast<size_t>(p.E) * (kKeysRows + 1) * sizeof(uint32_t) : 0;
-  if ((err = allow_smem(keys_kernel<DT, VPL>, tile)) != cudaSuccess) return err;
-  return launch(keys_kernel<DT, VPL>, (p.T + kKeysRows - 1) / kKeysRows, kKeysRows * 32, tile, stream, false, p);
+  return launch_keys_tiled<kKeysRows>(keys_kernel<DT, VPL>, kKeysRows, p, stream);
 }
 
 #define EC_INST(DT, VPL) template cudaError_t launch_keys<DT, VPL>(const Params&, cudaStream_t);

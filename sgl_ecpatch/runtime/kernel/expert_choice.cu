@@ -75,6 +75,24 @@ cudaError_t launch_all(const Params& p, cudaStream_t stream, bool pdl) {
   }
 }
 
+// The workspace's layout (byte offsets), for ec_workspace_bytes and ec_route alike: the
+// threshold words in a lane's order [32 VPL] first (16-byte loads of them need the
+// allocation's alignment), then in expert order [E], the row statistics [T], and outside
+// the one-launch path (up to 2^24 elements) the transposed keys, 256-byte aligned.
+struct WorkspaceLayout {
+  long long thr, stats, keys, bytes;
+};
+
+inline WorkspaceLayout workspace_layout(int T, int E, int fused_max) {
+  WorkspaceLayout w;
+  w.thr = 32LL * vpl_of(E) * 8;
+  w.stats = w.thr + static_cast<long long>(E) * 8;
+  w.keys = (w.stats + static_cast<long long>(T) * 8 + 255) / 256 * 256;
+  w.bytes = w.stats + static_cast<long long>(T) * 8 + 256;
+  if (use_transpose(T, E, fused_max)) w.bytes += static_cast<long long>(T) * E * 4;
+  return w;
+}
+
 }  // namespace ec
 
 extern "C" {
@@ -90,15 +108,9 @@ int ec_fused_max_elems(int device, int smem_limit) {
   return max(0, (ec::smem_budget(device, smem_limit) - fixed) / static_cast<int>(2 * sizeof(uint32_t)));
 }
 
-// Bytes of device workspace for T tokens and E experts: the threshold words in a lane's
-// order [32 VPL] and in expert order [E], row statistics [T], and outside the one-launch
-// path (up to 2^24 elements) the transposed keys. The workspace must be 16-byte aligned
-// (torch's allocations are).
-long long ec_workspace_bytes(int T, int E, int fused_max) {
-  long long bytes = (32LL * ec::vpl_of(E) + E + T) * 8 + 256;
-  if (ec::use_transpose(T, E, fused_max)) bytes += static_cast<long long>(T) * E * 4;
-  return bytes;
-}
+// Bytes of device workspace for T tokens and E experts (ec::workspace_layout). The
+// workspace must be 16-byte aligned (torch's allocations are).
+long long ec_workspace_bytes(int T, int E, int fused_max) { return ec::workspace_layout(T, E, fused_max).bytes; }
 
 const char* ec_error_string(int code) {
   if (code == -1) return "unsupported shape: E must be in [1, 1024] and k in [1, min(E, 32)]";
@@ -164,16 +176,12 @@ int ec_route(const void* logits, int dtype, int T, int E, int k, const void* bia
   p.smem_limit = ec::smem_budget(device, smem_limit);
   p.screen = 0;
   char* ws = static_cast<char*>(workspace);
-  // the lane-order threshold words first (16-byte loads of them need the allocation's
-  // alignment), then the expert-order ones, the row statistics and the transposed keys
-  const long long off_thr = 32LL * ec::vpl_of(E) * 8;
-  const long long off_stats = off_thr + static_cast<long long>(E) * 8;
-  const long long off_keys = (off_stats + static_cast<long long>(T) * 8 + 255) / 256 * 256;
+  const ec::WorkspaceLayout wl = ec::workspace_layout(T, E, fused_max);
   p.thr_lane = reinterpret_cast<unsigned long long*>(ws);
   p.thr_shift = ec::thr_shift_of(E);
-  p.thr = reinterpret_cast<unsigned long long*>(ws + off_thr);
-  p.stats = reinterpret_cast<float2*>(ws + off_stats);
-  p.keys_t = ec::use_transpose(T, E, fused_max) ? reinterpret_cast<uint32_t*>(ws + off_keys) : nullptr;
+  p.thr = reinterpret_cast<unsigned long long*>(ws + wl.thr);
+  p.stats = reinterpret_cast<float2*>(ws + wl.stats);
+  p.keys_t = ec::use_transpose(T, E, fused_max) ? reinterpret_cast<uint32_t*>(ws + wl.keys) : nullptr;
   p.out_w = out_w;
   p.out_id = out_id;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
