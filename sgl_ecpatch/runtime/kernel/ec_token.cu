@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(kTokenWarps * 32) token_route_kernel(Params p)
   // runs (it skips most exact scores, using the keys kernel's statistics), nor above
   // T = 4096, where most rows start after the select anyway and the row's max and sum
   // cost more than reading them (E = 60 T = 16384 +0.7 µs, H200).
-  const bool screened = p.screen && !p.fill_topk && !p.sigmoid;
+  const bool screened = screens(p);
   const bool early = !screened && p.T <= kEarlyScoresMaxT;
   float x[VPL];
   uint32_t keys[VPL];
@@ -100,7 +100,15 @@ __global__ void __launch_bounds__(kTokenWarps * 32) token_route_kernel(Params p)
     row_keys<VPL>(p, lane, x, keys);
   }
   route_token<VPL, 32, true>(p, t, lane, x, scratch[warp], [&](int i, int e, uint32_t key) {
-    return threshold_word(key, t) >= (kStaged ? sthr[e] : kLane && early ? th[kLane ? i : 0] : p.thr[e]);
+    unsigned long long word;
+    if constexpr (kStaged) {
+      word = sthr[e];
+    } else if constexpr (kLane) {
+      word = early ? th[i] : p.thr[e];
+    } else {
+      word = p.thr[e];
+    }
+    return threshold_word(key, t) >= word;
   }, keys);
 }
 
@@ -108,8 +116,7 @@ template <int DT, int VPL>
 cudaError_t launch_token(const Params& p, cudaStream_t stream, bool pdl) {
   const int grid = (p.T + kTokenWarps - 1) / kTokenWarps;
   if constexpr (!kStageThresholds<VPL>) {
-    const bool screened = p.screen && !p.fill_topk && !p.sigmoid;  // as in the kernel
-    if (!screened && p.T <= kLaneWordsMaxT)
+    if (!screens(p) && p.T <= kLaneWordsMaxT)
       return launch(token_route_kernel<DT, VPL, true>, grid, kTokenWarps * 32, 0, stream, pdl, p);
   }
   return launch(token_route_kernel<DT, VPL, false>, grid, kTokenWarps * 32, 0, stream, pdl, p);

@@ -190,6 +190,10 @@ __device__ __forceinline__ void row_keys(const Params& p, int lane, const float 
   for (int i = 0; i < VPL; ++i) key[i] = okey(sc_row[i] + b[i]);
 }
 
+// Whether the token kernel screens its rows (route_token_screened): softmax, fill "drop", and
+// the host's choice (p.screen). The kernel and its launcher both ask this.
+__host__ __device__ __forceinline__ bool screens(const Params& p) { return p.screen && !p.fill_topk && !p.sigmoid; }
+
 __device__ __forceinline__ void write_padding_row(const Params& p, int t, int lane) {
   const long long out_base = static_cast<long long>(t) * p.k;
   if (lane < p.k) {
