@@ -4,14 +4,18 @@
 // every threshold). Built and driven by handoff_floor.py; not part of the runtime.
 //
 // A "phase" here: every thread reads one float written by a thread of another block in
-// the phase before (so the dependency is real), adds one, writes it. Variants:
-//   kernels:  one launch per phase, in stream order (pdl = 0) or with programmatic
-//             dependent launch (pdl = 1: the next launch starts early and waits in
-//             griddepcontrol.wait, as the routing kernels do);
-//   barrier:  one launch, the phases separated by a grid-wide barrier (an arrival counter
-//             and a generation word in global memory; the last block to arrive resets the
-//             counter and bumps the generation). The grid must be co-resident: the driver
-//             only asks for grids that fit.
+// the phase before (so the dependency is real), adds one, writes it. Variants (hf_run's
+// `variant`):
+//   0, 1:  one launch per phase, in stream order (0) or with programmatic dependent launch
+//          (1: the next launch starts early and waits in griddepcontrol.wait, as the
+//          routing kernels do);
+//   2:     one launch, the phases separated by a grid-wide barrier (an arrival counter and
+//          a generation word in global memory; the last block to arrive resets the counter
+//          and bumps the generation). The grid must be co-resident: the driver only asks
+//          for grids that fit;
+//   3:     one launch of one thread-block cluster (grid = cluster size, up to 16), the
+//          phases separated by the cluster's hardware barrier, each block reading another
+//          block's shared memory (what the one-launch route kernel does up to T ~ 64-170).
 
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
@@ -82,24 +86,29 @@ __global__ void __launch_bounds__(kThreads) cluster_kernel(float* bufs, int phas
   bufs[static_cast<size_t>((phases - 1) % 2) * g * kThreads + me * kThreads + threadIdx.x] = v;
 }
 
+// A launch of `grid` blocks of kThreads on `stream` with the one attribute `attr` where `on`.
+cudaLaunchConfig_t config(int grid, cudaStream_t stream, cudaLaunchAttribute* attr, bool on) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(kThreads);
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = on ? 1 : 0;
+  return cfg;
+}
+
 }  // namespace
 
 extern "C" int hf_run(int variant, int grid, int phases, float* bufs, unsigned* sync, void* stream_ptr) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  const size_t stride = static_cast<size_t>(grid) * kThreads;
+  cudaLaunchAttribute attr[1];
   if (variant == 3) {
     cudaFuncSetAttribute(cluster_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(grid);
-    cfg.blockDim = dim3(kThreads);
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeClusterDimension;
     attr[0].val.clusterDim.x = grid;
     attr[0].val.clusterDim.y = 1;
     attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    const cudaLaunchConfig_t cfg = config(grid, stream, attr, true);
     return static_cast<int>(cudaLaunchKernelEx(&cfg, cluster_kernel, bufs, phases));
   }
   if (variant == 2) {
@@ -107,19 +116,14 @@ extern "C" int hf_run(int variant, int grid, int phases, float* bufs, unsigned* 
     return static_cast<int>(cudaGetLastError());
   }
   const int pdl = variant == 1;
+  const size_t stride = static_cast<size_t>(grid) * kThreads;
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
   for (int ph = 0; ph < phases; ++ph) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(grid);
-    cfg.blockDim = dim3(kThreads);
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = pdl && ph > 0 ? 1 : 0;
+    const cudaLaunchConfig_t cfg = config(grid, stream, attr, pdl && ph > 0);
     const float* src = bufs + (ph + 1) % 2 * stride;
     float* dst = bufs + ph % 2 * stride;
-    cudaError_t err = cudaLaunchKernelEx(&cfg, phase_kernel, src, dst, ph, pdl);
+    const cudaError_t err = cudaLaunchKernelEx(&cfg, phase_kernel, src, dst, ph, pdl);
     if (err != cudaSuccess) return static_cast<int>(err);
   }
   return 0;
