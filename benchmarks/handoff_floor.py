@@ -65,7 +65,6 @@ def main() -> int:
                 continue
             bufs = [torch.zeros(2 * grid * 256, device="cuda") for _ in range(4)]
             sync = torch.zeros(64, dtype=torch.int32, device="cuda")
-            stream = torch.cuda.current_stream()
             for variant, name in VARIANTS.items():
                 if variant == 3 and grid > 16:  # a cluster holds at most 16 blocks
                     continue
@@ -84,7 +83,6 @@ def main() -> int:
                     rows.append({"grid": grid, "variant": name, "phases": phases, "us": us, "ok": ok})
                     print(f"grid {grid:4d}  {name:27s} phases {phases}: {us:6.2f} us  {'ok' if ok else 'WRONG'}",
                           flush=True)
-            del stream
         print()
         print(f"### {torch.cuda.get_device_name(0)}: hand-off floor, CUDA-graph replays, median µs")
         print()
