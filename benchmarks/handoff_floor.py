@@ -34,16 +34,25 @@ from kernel_bench import calibrate_clock, graph_time_us  # noqa: E402
 VARIANTS = {0: "launches", 1: "launches + PDL", 2: "one launch + grid barrier", 3: "one cluster + cluster barrier"}
 
 
-def build(tmp: Path) -> ctypes.CDLL:
-    major, minor = torch.cuda.get_device_capability()
-    lib = tmp / "handoff_floor.so"
-    subprocess.run(["nvcc", "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC",
-                    f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}",
-                    str(HERE / "handoff_floor.cu"), "-o", str(lib)], check=True)
+def nvcc_command(lib: Path, arch: str) -> list:
+    """The command that builds handoff_floor.cu into the shared library `lib` for sm_<arch>."""
+    return ["nvcc", "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC",
+            f"-gencode=arch=compute_{arch},code=sm_{arch}", str(HERE / "handoff_floor.cu"), "-o", str(lib)]
+
+
+def open_library(lib: Path) -> ctypes.CDLL:
+    """The built library with hf_run's C signature set."""
     dll = ctypes.CDLL(str(lib))
     dll.hf_run.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 3
     dll.hf_run.restype = ctypes.c_int
     return dll
+
+
+def build(tmp: Path) -> ctypes.CDLL:
+    major, minor = torch.cuda.get_device_capability()
+    lib = tmp / "handoff_floor.so"
+    subprocess.run(nvcc_command(lib, f"{major}{minor}"), check=True)
+    return open_library(lib)
 
 
 def main() -> int:

@@ -154,13 +154,18 @@ def knob(name: str) -> int:
         raise ValueError(f"{name}={text!r} is not an integer (default {KNOBS[name]}); unset it or fix it") from None
 
 
+def pdl_on() -> bool:
+    """Programmatic dependent launch allowed: SGL_ECPATCH_KERNEL_PDL unset or anything but "0"."""
+    return os.environ.get(PDL_KNOB, "1").strip() != "0"
+
+
 def knobs_set() -> list:
     """The kernel's tuning knobs set in this environment, as 'NAME=value' (with what is
     wrong where a value would make every kernel call raise): what `ecpatch status` shows."""
     out = []
     pdl = os.environ.get(PDL_KNOB)
     if pdl is not None:
-        out.append(f"{PDL_KNOB}={pdl}" + (" (PDL off)" if pdl.strip() == "0" else ""))
+        out.append(f"{PDL_KNOB}={pdl}" + ("" if pdl_on() else " (PDL off)"))
     for name in KNOBS:
         if name not in os.environ:
             continue
@@ -343,7 +348,7 @@ def expert_choice_topk_cuda(router_logits, top_k, *, capacity_factor=1.25, renor
 
     num, den = capacity_fraction(float(capacity_factor), num_experts)
     # tuning knobs, read per call (a captured graph keeps the choice made at capture)
-    pdl = int(os.environ.get(PDL_KNOB, "1").strip() != "0")
+    pdl = int(pdl_on())
     fused_max = knob("SGL_ECPATCH_KERNEL_FUSED_MAX")
     cluster_max_t = knob("SGL_ECPATCH_KERNEL_CLUSTER_MAX_T")
     select_split = knob("SGL_ECPATCH_KERNEL_SELECT_SPLIT")
